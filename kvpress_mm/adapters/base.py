@@ -1,0 +1,94 @@
+"""The adapter interface and automatic adapter selection."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvpress_mm.errors import InvalidInputError, UnsupportedModelError
+from kvpress_mm.modality import Modality
+
+
+class ModelAdapter(ABC):
+    """Knows one model family: where its text decoder's attention lives and what its tokens are.
+
+    Register one from a plugin with ``register(MyAdapter())`` in
+    ``kvpress_mm_register_adapters``. Adapters from plugins are tried before the built-ins.
+    """
+
+    #: Human-readable family name, shown in "supported families" errors.
+    family: str = "unnamed family"
+
+    @abstractmethod
+    def supports(self, model: nn.Module) -> bool:
+        """True if this adapter handles ``model``."""
+
+    @abstractmethod
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The text decoder's self-attention modules, in layer order (each has ``layer_idx``)."""
+
+    @abstractmethod
+    def set_attention_implementation(self, model: nn.Module, implementation: str) -> None:
+        """Switch the text decoder (only) to the attention implementation ``implementation``."""
+
+    @abstractmethod
+    def attention_implementation(self, model: nn.Module) -> str:
+        """The text decoder's current attention implementation name."""
+
+    def modality_map(self, model: nn.Module, inputs: Mapping[str, Any], seq_len: int) -> torch.Tensor:
+        """``[batch, seq]`` int8 :class:`~kvpress_mm.Modality` codes of a prefill call's positions.
+
+        The default marks every position as text, except padding (``attention_mask == 0``).
+        """
+        return padding_aware_text_map(inputs, seq_len)
+
+    def validate_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
+        """Raise :class:`~kvpress_mm.errors.InvalidInputError` for inputs that would go wrong."""
+
+
+def _batch_size(inputs: Mapping[str, Any]) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        tensor = inputs.get(name)
+        if isinstance(tensor, torch.Tensor):
+            return int(tensor.shape[0])
+    raise InvalidInputError("the model call has neither input_ids nor inputs_embeds")
+
+
+def padding_aware_text_map(inputs: Mapping[str, Any], seq_len: int) -> torch.Tensor:
+    """Everything text, padding where the 2-D ``attention_mask`` is 0."""
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() != 2 or mask.shape[-1] != seq_len:
+            raise InvalidInputError(
+                f"expected a 2-D attention_mask [batch, {seq_len}] for the prompt, got shape {tuple(mask.shape)}; "
+                "custom 4-D masks are not supported under compression"
+            )
+        modality = torch.full(mask.shape, int(Modality.TEXT), dtype=torch.int8, device=mask.device)
+        return modality.masked_fill(mask == 0, int(Modality.PADDING))
+    batch = _batch_size(inputs)
+    return torch.full((batch, seq_len), int(Modality.TEXT), dtype=torch.int8)
+
+
+def find_adapter(model: nn.Module) -> ModelAdapter:
+    """The first registered adapter that supports ``model``.
+
+    Raises:
+        UnsupportedModelError: naming the supported families.
+
+    """
+    from kvpress_mm.registry import registered_adapters
+
+    adapters = registered_adapters()
+    for info in adapters:
+        if info.adapter.supports(model):
+            return info.adapter
+    families = "; ".join(dict.fromkeys(info.adapter.family for info in adapters))
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    raise UnsupportedModelError(
+        f"{type(model).__name__} (model_type {model_type!r}) is not supported by any kvpress-mm adapter. "
+        f"Supported families: {families}. A plugin can add an adapter through kvpress_mm_register_adapters."
+    )

@@ -1,0 +1,21 @@
+"""Cache budgets: how many prompt entries each row keeps."""
+
+from __future__ import annotations
+
+
+def n_keep_for(prompt_length: int, compression_ratio: float) -> int:
+    """Entries kept from a prompt of ``prompt_length`` real tokens: ``int(L * (1 - r))``, at least 1.
+
+    Evaluated literally with Python floats, so ``n_keep_for(90, 0.8) == 17``.
+
+    >>> n_keep_for(100, 0.8)
+    20
+    """
+    if prompt_length <= 0:
+        return 0
+    return max(1, int(prompt_length * (1 - compression_ratio)))
+
+
+def clamp_window(window_size: int, n_keep: int) -> int:
+    """A window larger than the budget is clamped to the budget."""
+    return max(0, min(window_size, n_keep))

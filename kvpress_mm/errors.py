@@ -1,0 +1,35 @@
+"""Exceptions raised by kvpress-mm. Every one names the problem and how to fix it."""
+
+from __future__ import annotations
+
+
+class KVPressMMError(Exception):
+    """Base class of every kvpress-mm error."""
+
+
+class UnknownStrategyError(KVPressMMError, ValueError):
+    """A strategy name that no built-in or plugin registered."""
+
+
+class DuplicateStrategyError(KVPressMMError, ValueError):
+    """Two registrations (built-in or plugin) claim the same strategy name."""
+
+
+class UnsupportedModelError(KVPressMMError, ValueError):
+    """No adapter claims the model, or the model is used in a way compression cannot support."""
+
+
+class UnsupportedCacheError(KVPressMMError, ValueError):
+    """The KV cache passed to the model cannot be compressed (static, quantized, offloaded...)."""
+
+
+class InvalidInputError(KVPressMMError, ValueError):
+    """The model call's inputs would give a silently wrong answer under compression."""
+
+
+class InvalidPlanError(KVPressMMError, RuntimeError):
+    """A strategy returned scores or a plan that breaks the framework's contract."""
+
+
+class CompressorAlreadyActiveError(KVPressMMError, RuntimeError):
+    """A compressor session is already active on this model."""

@@ -1,0 +1,486 @@
+"""The compressor session: hooks in on enter, out on exit; applies plans; owns decode masks.
+
+How it works. On enter, the text decoder's attention implementation (``sdpa`` or ``eager``)
+is replaced by a registered wrapper (``kvpress_mm_sdpa`` / ``kvpress_mm_eager``) that calls
+the original, and three kinds of hooks are installed:
+
+- a forward pre-hook on the model records each call's inputs (the modality map at prefill,
+  which new tokens are real) and checks that a call on a compressed cache is well-formed;
+- a forward pre-hook on each attention module records the cache object in use;
+- a forward hook on each attention module applies the layer's pending plan to the cache,
+  right after the layer's attention has used the full prompt.
+
+The wrapper receives post-RoPE queries and the full keys of every model family, so strategies
+never re-implement RoPE. After compression it owns the attention mask of compressed layers:
+their cache columns no longer line up with the 2-D ``attention_mask`` generate keeps, so the
+mask is rebuilt from the kept slots' validity. Positions are untouched: generate derives them
+from the full 2-D mask, so decoding continues at the original absolute positions.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kvpress_mm.adapters.base import ModelAdapter, find_adapter
+from kvpress_mm.budget import n_keep_for
+from kvpress_mm.cache_surgery import apply_plan, kv_bytes
+from kvpress_mm.errors import (
+    CompressorAlreadyActiveError,
+    InvalidInputError,
+    InvalidPlanError,
+    UnsupportedCacheError,
+    UnsupportedModelError,
+)
+from kvpress_mm.layer import DecodeView, LayerView
+from kvpress_mm.modality import Modality
+from kvpress_mm.plan import CompressionPlan
+
+if TYPE_CHECKING:
+    from kvpress_mm.compressor import Compressor
+
+ATTENTION_PREFIX = "kvpress_mm_"
+WRAPPABLE_IMPLEMENTATIONS = ("sdpa", "eager")
+
+AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
+
+_session_by_module: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
+_session_by_model: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
+_cache_states: weakref.WeakKeyDictionary[Any, CacheState] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class LayerState:
+    """What the session keeps about one compressed layer of one cache."""
+
+    slot_valid: torch.Tensor  # [B, kv] bool, False for filler slots
+    n_keep: tuple[int, ...]
+    strategy_state: dict[str, Any]
+
+
+@dataclass
+class CacheState:
+    """What the session keeps about a cache it compressed (lives as long as the cache)."""
+
+    seen_columns: int  # columns of the 2-D attention mask consumed so far (prompt + decoded)
+    layers: dict[int, LayerState] = field(default_factory=dict)
+
+
+@dataclass
+class CallInfo:
+    """One model call, as seen by the model pre-hook."""
+
+    prefill: bool
+    q_len: int
+    new_valid: torch.Tensor  # [B, q] bool: which new tokens are real
+    modality: torch.Tensor | None = None  # [B, P] int8 at prefill
+    n_keep: tuple[int, ...] = ()
+
+
+@dataclass
+class CompressionReport:
+    """What the last prefill compression did (summed over layers)."""
+
+    layers_compressed: int = 0
+    layers_skipped: int = 0
+    kv_bytes_before: int = 0
+    kv_bytes_after: int = 0
+    prompt_lengths: tuple[int, ...] = ()
+    n_keep: tuple[int, ...] = ()
+
+    @property
+    def ratio_kept(self) -> float:
+        """``kv_bytes_after / kv_bytes_before`` (1.0 before any compression)."""
+        return self.kv_bytes_after / self.kv_bytes_before if self.kv_bytes_before else 1.0
+
+
+def _original_attention(module: nn.Module, wrapped: str) -> AttentionFunction:
+    """The implementation our wrapper stands in for."""
+    if wrapped == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no eager_attention_forward in its modeling file; use sdpa attention"
+        )
+    return eager
+
+
+def _make_attention_function(wrapped: str) -> AttentionFunction:
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        original = _original_attention(module, wrapped)
+        session = _session_by_module.get(module)
+        if session is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        return session.attend(module, query, key, value, attention_mask, original, wrapped, **kwargs)
+
+    attention.__name__ = f"{ATTENTION_PREFIX}{wrapped}_attention"
+    return attention
+
+
+_registered = False
+
+
+def _register_attention_functions() -> None:
+    """Register the wrappers with transformers' attention and mask interfaces (once)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    for wrapped, mask_function in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        AttentionInterface.register(ATTENTION_PREFIX + wrapped, _make_attention_function(wrapped))
+        # without a mask function of the same name, transformers would build no mask at all
+        AttentionMaskInterface.register(ATTENTION_PREFIX + wrapped, mask_function)
+    _registered = True
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any], name: str) -> torch.Tensor | None:
+    value = kwargs.get(name)
+    if value is None and name == "input_ids" and args and isinstance(args[0], torch.Tensor):
+        value = args[0]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _check_left_padding(modality: torch.Tensor) -> None:
+    real = modality != Modality.PADDING
+    if not bool(real.any(-1).all()):
+        raise InvalidInputError("a row of the batch is all padding; remove it or give it at least one token")
+    # once a row has a real token, it must not have padding after it
+    seen_real = real.long().cumsum(-1) > 0
+    if bool((seen_real & ~real).any()):
+        raise InvalidInputError(
+            "padding after real tokens (right or middle padding) is not supported under compression: "
+            "pad on the left (tokenizer.padding_side = 'left'), as generate expects"
+        )
+
+
+class CompressionSession:
+    """A model under compression: a context manager returned by ``compressor(model)``.
+
+    ```python
+    with compressor(model) as session:
+        out = model.generate(**inputs, max_new_tokens=32)
+    print(session.report.kv_bytes_before, session.report.kv_bytes_after)
+    ```
+    """
+
+    def __init__(self, compressor: Compressor, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"compressor(model) needs a transformers model (torch.nn.Module), got {type(model).__name__}"
+            )
+        self.compressor = compressor
+        self.model = model
+        self.report = CompressionReport()
+        self._adapter: ModelAdapter | None = None
+        self._original_implementation: str | None = None
+        self._modules: list[nn.Module] = []
+        self._handles: list[Any] = []
+        self._call: CallInfo | None = None
+        self._cache: Any = None
+        self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
+        self._warned_sliding = False
+
+    # -- entering and leaving -------------------------------------------------------------
+
+    def __enter__(self) -> CompressionSession:
+        if self.model in _session_by_model:
+            raise CompressorAlreadyActiveError(
+                f"a kvpress-mm compressor is already active on this {type(self.model).__name__}; "
+                "leave its `with` block before entering another"
+            )
+        adapter = find_adapter(self.model)
+        original = adapter.attention_implementation(self.model)
+        if original not in WRAPPABLE_IMPLEMENTATIONS:
+            raise UnsupportedModelError(
+                f"attention implementation {original!r} is not supported under compression; "
+                "load the model with attn_implementation='sdpa' (default) or 'eager', "
+                "or call model.set_attn_implementation('sdpa')"
+            )
+        self._adapter = adapter
+        try:
+            self._modules = adapter.attention_modules(self.model)
+            _register_attention_functions()
+            adapter.set_attention_implementation(self.model, ATTENTION_PREFIX + original)
+            self._original_implementation = original
+            self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            for module in self._modules:
+                _session_by_module[module] = self
+                self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+            _session_by_model[self.model] = self
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """Put the model back exactly as it was found."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._modules:
+            if _session_by_module.get(module) is self:
+                del _session_by_module[module]
+        if self._original_implementation is not None and self._adapter is not None:
+            self._adapter.set_attention_implementation(self.model, self._original_implementation)
+            self._original_implementation = None
+        if _session_by_model.get(self.model) is self:
+            del _session_by_model[self.model]
+        self._call = None
+        self._cache = None
+        self._pending.clear()
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _before_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        assert self._adapter is not None
+        self._pending.clear()  # plans of a call that raised must never reach the next one
+        tokens = _first_tensor(args, kwargs, "input_ids")
+        if tokens is None:
+            tokens = _first_tensor(args, kwargs, "inputs_embeds")
+        if tokens is None:
+            raise InvalidInputError("the model call has neither input_ids nor inputs_embeds")
+        q_len = int(tokens.shape[1])
+        if q_len == 0:
+            raise InvalidInputError("empty prompt: the model call has 0 tokens")
+        inputs = dict(kwargs)
+        if "input_ids" not in inputs and args and isinstance(args[0], torch.Tensor):
+            inputs["input_ids"] = args[0]
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        state = _cache_states.get(cache) if cache is not None else None
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        if state is None and past == 0:
+            self._adapter.validate_inputs(self.model, inputs)
+            modality = self._adapter.modality_map(self.model, inputs, q_len).to(tokens.device)
+            _check_left_padding(modality)
+            lengths = (modality != Modality.PADDING).sum(-1).tolist()
+            n_keep = tuple(n_keep_for(int(n), self.compressor.compression_ratio) for n in lengths)
+            self._call = CallInfo(True, q_len, modality != Modality.PADDING, modality, n_keep)
+            self.report = CompressionReport(prompt_lengths=tuple(int(n) for n in lengths), n_keep=n_keep)
+            return
+        if state is None:  # a cache filled without compression: plain transformers behaviour
+            self._call = CallInfo(False, q_len, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+            return
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 2:
+                raise InvalidInputError("custom 4-D attention masks are not supported on a compressed cache")
+            if mask.shape[1] != state.seen_columns + q_len:
+                raise InvalidInputError(
+                    f"this compressed cache has seen {state.seen_columns} positions (it holds fewer entries), "
+                    f"but the call brings {q_len} tokens with an attention_mask of {mask.shape[1]} columns. "
+                    "To continue on a compressed cache, pass only the tokens it has not seen as input_ids, "
+                    "with the attention_mask of the whole conversation"
+                )
+            new_valid = mask[:, -q_len:].to(device=tokens.device, dtype=torch.bool)
+        else:
+            if kwargs.get("position_ids") is None:
+                raise InvalidInputError(
+                    "a call on a compressed cache needs the 2-D attention_mask of the whole conversation or "
+                    "explicit position_ids: positions derived from the (shorter) cache length would be wrong"
+                )
+            new_valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        state.seen_columns += q_len
+        self._call = CallInfo(False, q_len, new_valid)
+
+    def _before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
+
+    def _after_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        pending = self._pending.pop(int(module.layer_idx), None)  # type: ignore[arg-type]
+        if pending is None or self._cache is None:
+            return
+        plan, layer_state, prefill = pending
+        layer = self._cache.layers[int(module.layer_idx)]  # type: ignore[arg-type]
+        before = kv_bytes(layer)
+        if plan is not None:
+            apply_plan(layer, plan)
+            layer_state.slot_valid = plan.slot_valid
+        state = _cache_states[self._cache]
+        state.layers[int(module.layer_idx)] = layer_state  # type: ignore[arg-type]
+        if prefill:
+            self.report.layers_compressed += 1
+            self.report.kv_bytes_before += before
+            self.report.kv_bytes_after += kv_bytes(layer)
+
+    # -- the attention wrapper ------------------------------------------------------------
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        original: AttentionFunction,
+        wrapped: str,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """Attention for one layer: the original at prefill (then plan), our own mask afterwards."""
+        call, cache = self._call, self._cache
+        if call is None or cache is None or self.compressor.is_noop:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
+        if call.prefill:
+            output = original(module, query, key, value, attention_mask, **kwargs)
+            self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs)
+            return output
+        state = _cache_states.get(cache)
+        layer_state = state.layers.get(layer_idx) if state is not None else None
+        if layer_state is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        return self._attend_compressed(module, layer_idx, layer_state, query, key, value, original, wrapped, kwargs)
+
+    def _plan_prefill(
+        self,
+        module: nn.Module,
+        layer_idx: int,
+        cache: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        call = self._call
+        assert call is not None and call.modality is not None
+        layer = cache.layers[layer_idx]
+        if getattr(layer, "is_sliding", False) or kwargs.get("sliding_window") is not None:
+            # sliding-window layers already hold at most their window; their cache and mask
+            # logic keys on counts we would break, so they stay as transformers keeps them
+            self.report.layers_skipped += 1
+            if not self._warned_sliding:
+                warnings.warn(
+                    "kvpress-mm leaves sliding-window attention layers uncompressed (they already keep only "
+                    "their window); full-attention layers are compressed",
+                    stacklevel=2,
+                )
+                self._warned_sliding = True
+            return
+        if type(layer) is not DynamicLayer:
+            raise UnsupportedCacheError(
+                f"cannot compress a {type(layer).__name__} cache layer (layer {layer_idx}); compression needs "
+                "transformers' DynamicCache: do not set cache_implementation='static' (or quantized/offloaded), "
+                "or pass past_key_values=DynamicCache(config=model.config)"
+            )
+        if key.shape[2] != call.modality.shape[1]:
+            raise InvalidInputError(
+                f"layer {layer_idx} saw {key.shape[2]} prompt keys but the call has {call.modality.shape[1]} "
+                "positions; chunked prefill is not supported under compression"
+            )
+        if cache not in _cache_states:
+            _cache_states[cache] = CacheState(seen_columns=call.q_len)
+        view = LayerView(
+            layer_idx=layer_idx,
+            keys=key,
+            values=value,
+            queries=query,
+            scaling=float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)),
+            modality=call.modality,
+            n_keep=call.n_keep,
+        )
+        plan = self.compressor.plan(view)
+        self._check_plan(plan, view)
+        self._pending[layer_idx] = (plan, LayerState(plan.slot_valid, call.n_keep, view.state), True)
+
+    def _check_plan(self, plan: CompressionPlan, view: LayerView) -> None:
+        name = type(self.compressor).__name__
+        if not isinstance(plan, CompressionPlan):
+            raise InvalidPlanError(f"{name}.plan() must return a CompressionPlan, got {type(plan).__name__}")
+        b, h = view.batch_size, view.kv_heads
+        kept, valid = plan.kept_indices, plan.slot_valid
+        if kept.dim() != 3 or tuple(kept.shape[:2]) != (b, h) or tuple(valid.shape) != (b, kept.shape[2]):
+            raise InvalidPlanError(
+                f"{name}: plan shapes kept_indices {tuple(kept.shape)} / slot_valid {tuple(valid.shape)} "
+                f"do not match [batch={b}, kv_heads={h}, n_slots]"
+            )
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= view.seq_len):
+            raise InvalidPlanError(f"{name}: kept_indices out of range [0, {view.seq_len})")
+        kept_modality = view.modality.gather(1, kept.flatten(1)).view_as(kept)
+        if bool((kept_modality == Modality.PADDING)[valid[:, None, :].expand_as(kept)].any()):
+            raise InvalidPlanError(f"{name}: the plan keeps padding entries")
+        for tensor, what in ((plan.keys, "keys"), (plan.values, "values")):
+            if tensor is not None and tuple(tensor.shape) != (*kept.shape, view.keys.shape[-1]):
+                raise InvalidPlanError(f"{name}: merged {what} must have shape {(*kept.shape, view.keys.shape[-1])}")
+
+    def _attend_compressed(
+        self,
+        module: nn.Module,
+        layer_idx: int,
+        layer_state: LayerState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        original: AttentionFunction,
+        wrapped: str,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, Any]:
+        call = self._call
+        assert call is not None
+        q_len = query.shape[2]
+        cached = key.shape[2] - q_len
+        new_valid = call.new_valid.to(key.device)
+        cached_valid = layer_state.slot_valid.to(key.device)
+        if cached_valid.shape[1] != cached:
+            raise InvalidInputError(
+                f"layer {layer_idx}'s compressed cache holds {cached} entries but kvpress-mm expected "
+                f"{cached_valid.shape[1]}: the cache was changed outside the compressor (crop, reorder, beam search?)"
+            )
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=key.device).tril()
+        visible = torch.cat(
+            [cached_valid[:, None, :].expand(-1, q_len, -1), causal[None] & new_valid[:, None, :]], dim=-1
+        )  # [B, q, kv]
+        mask: torch.Tensor | None
+        if q_len == 1 and bool(visible.all()):
+            mask = None
+        elif wrapped == "sdpa":
+            mask = visible[:, None]
+        else:
+            mask = torch.zeros(visible.shape, dtype=query.dtype, device=key.device)
+            mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)[:, None]
+        output = original(module, query, key, value, mask, **kwargs)
+        slot_valid = torch.cat([cached_valid, new_valid], dim=-1)
+        view = DecodeView(
+            layer_idx=layer_idx,
+            keys=key,
+            values=value,
+            queries=query,
+            scaling=float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)),
+            slot_valid=slot_valid,
+            visible=visible,
+            n_keep=layer_state.n_keep,
+            state=layer_state.strategy_state,
+        )
+        plan = self.compressor.decode_plan(view)
+        layer_state.slot_valid = slot_valid
+        self._pending[layer_idx] = (plan, layer_state, False)
+        return output

@@ -1,0 +1,35 @@
+"""``lookm-average``: LOOK-M's text-prior eviction with average KV merging.
+
+Paper: Wan et al., "LOOK-M: Look-Once Optimization in KV Cache for Efficient Multimodal
+Long-Context Inference", Findings of EMNLP 2024, https://arxiv.org/abs/2406.18139
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpress_mm.hookspecs import hookimpl
+from kvpress_mm.layer import LayerView
+from kvpress_mm.merging import merge_evicted
+from kvpress_mm.plan import CompressionPlan
+from kvpress_mm.strategies.lookm_evict import LookMEvict
+
+
+class LookMAverage(LookMEvict):
+    """``lookm-evict``'s kept set, with the evicted entries merged into it.
+
+    ``K_c' = (K_c + sum_e K_e) / (1 + n_c)``: every evicted entry is averaged into its
+    most similar kept entry (highest key cosine similarity, per KV head). Values alike.
+    Kept entries with nothing assigned are unchanged; the cache length is the same as
+    ``lookm-evict``'s.
+    """
+
+    def plan(self, layer: LayerView) -> CompressionPlan:
+        """The text-prior kept set with average merging."""
+        return merge_evicted(layer, super().plan(layer), "average")
+
+
+@hookimpl
+def kvpress_mm_register_strategies(register: Any) -> None:
+    """Register ``lookm-average``."""
+    register("lookm-average", LookMAverage)

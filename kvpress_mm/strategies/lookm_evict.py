@@ -1,0 +1,48 @@
+"""``lookm-evict``: LOOK-M's text-prior eviction, without merging.
+
+Paper: Wan et al., "LOOK-M: Look-Once Optimization in KV Cache for Efficient Multimodal
+Long-Context Inference", Findings of EMNLP 2024, https://arxiv.org/abs/2406.18139
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from kvpress_mm.compressor import Compressor
+from kvpress_mm.hookspecs import hookimpl
+from kvpress_mm.layer import LayerView
+from kvpress_mm.plan import CompressionPlan
+from kvpress_mm.selection import select_text_first
+
+
+class LookMEvict(Compressor):
+    """Text-prior eviction on accumulated attention (LOOK-M without merging).
+
+    Score: accumulated attention over all prompt queries, as ``h2o``. Keep the window of
+    ``window_size`` most recent entries, then fill the remaining places with text entries first
+    (highest score first), then image/video entries by score. In a text-only prompt this is
+    exactly ``h2o`` without decode eviction.
+
+    Attributes:
+        window_size: recent entries always kept; ``None`` means ``n_keep // 2``.
+        keep_all_text: keep every text entry even beyond the budget (the official code's
+            behaviour); the cache may then exceed ``n_keep``, and a prompt without images is
+            not compressed at all.
+
+    """
+
+    window_size: int | None = Field(default=None, ge=0, description="Recent entries kept; None = n_keep // 2.")
+    keep_all_text: bool = Field(default=False, description="Keep every text entry, even beyond the budget.")
+
+    def plan(self, layer: LayerView) -> CompressionPlan:
+        """Window, then text by score, then image/video by score."""
+        windows = [n // 2 if self.window_size is None else self.window_size for n in layer.n_keep]
+        return select_text_first(layer, layer.accumulated_attention(), windows, self.keep_all_text)
+
+
+@hookimpl
+def kvpress_mm_register_strategies(register: Any) -> None:
+    """Register ``lookm-evict``."""
+    register("lookm-evict", LookMEvict)

@@ -1,0 +1,35 @@
+"""``lookm-pivotal``: LOOK-M's text-prior eviction with pivotal KV merging.
+
+Paper: Wan et al., "LOOK-M: Look-Once Optimization in KV Cache for Efficient Multimodal
+Long-Context Inference", Findings of EMNLP 2024, https://arxiv.org/abs/2406.18139
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpress_mm.hookspecs import hookimpl
+from kvpress_mm.layer import LayerView
+from kvpress_mm.merging import merge_evicted
+from kvpress_mm.plan import CompressionPlan
+from kvpress_mm.strategies.lookm_evict import LookMEvict
+
+
+class LookMPivotal(LookMEvict):
+    """``lookm-evict``'s kept set, with the evicted entries merged into it.
+
+    each evicted entry first becomes a pivot ``(K_e + K_c) / 2``, then
+    ``K_c' = (K_c + sum_e (K_e + K_c) / 2) / (1 + n_c)``. The paper's main setting. Values alike.
+    Kept entries with nothing assigned are unchanged; the cache length is the same as
+    ``lookm-evict``'s.
+    """
+
+    def plan(self, layer: LayerView) -> CompressionPlan:
+        """The text-prior kept set with pivotal merging."""
+        return merge_evicted(layer, super().plan(layer), "pivotal")
+
+
+@hookimpl
+def kvpress_mm_register_strategies(register: Any) -> None:
+    """Register ``lookm-pivotal``."""
+    register("lookm-pivotal", LookMPivotal)
