@@ -61,9 +61,15 @@ _cache_states: weakref.WeakKeyDictionary[Any, CacheState] = weakref.WeakKeyDicti
 class LayerState:
     """What the session keeps about one compressed layer of one cache."""
 
-    slot_valid: torch.Tensor  # [B, kv] bool, False for filler slots
+    length: int  # entries the layer holds
+    slot_valid: torch.Tensor | None  # [B, length] bool, False for filler slots; None = all valid
     n_keep: tuple[int, ...]
     strategy_state: dict[str, Any]
+
+    def set_slots(self, slot_valid: torch.Tensor) -> None:
+        """Record the layer's slots after a change (``None`` when all are valid: the fast path)."""
+        self.length = int(slot_valid.shape[-1])
+        self.slot_valid = None if bool(slot_valid.all()) else slot_valid
 
 
 @dataclass
@@ -84,6 +90,13 @@ class CallInfo:
     modality: torch.Tensor | None = None  # [B, P] int8 at prefill
     n_keep: tuple[int, ...] = ()
 
+    @property
+    def new_all_valid(self) -> bool:
+        """True when every new token is real (computed once per call)."""
+        if not hasattr(self, "_new_all_valid"):
+            self._new_all_valid = bool(self.new_valid.all())
+        return self._new_all_valid
+
 
 @dataclass
 class CompressionReport:
@@ -100,6 +113,12 @@ class CompressionReport:
     def ratio_kept(self) -> float:
         """``kv_bytes_after / kv_bytes_before`` (1.0 before any compression)."""
         return self.kv_bytes_after / self.kv_bytes_before if self.kv_bytes_before else 1.0
+
+
+def _base_decode_plan() -> Any:
+    from kvpress_mm.compressor import Compressor
+
+    return Compressor.decode_plan
 
 
 def _original_attention(module: nn.Module, wrapped: str) -> AttentionFunction:
@@ -199,6 +218,8 @@ class CompressionSession:
         self._cache: Any = None
         self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
         self._warned_sliding = False
+        # only strategies that act while decoding pay for the decode-time view
+        self._decodes = type(compressor).decode_plan is not _base_decode_plan()
 
     # -- entering and leaving -------------------------------------------------------------
 
@@ -323,7 +344,7 @@ class CompressionSession:
         before = kv_bytes(layer)
         if plan is not None:
             apply_plan(layer, plan)
-            layer_state.slot_valid = plan.slot_valid
+            layer_state.set_slots(plan.slot_valid)
         state = _cache_states[self._cache]
         state.layers[int(module.layer_idx)] = layer_state  # type: ignore[arg-type]
         if prefill:
@@ -346,11 +367,13 @@ class CompressionSession:
     ) -> tuple[torch.Tensor, Any]:
         """Attention for one layer: the original at prefill (then plan), our own mask afterwards."""
         call, cache = self._call, self._cache
-        if call is None or cache is None or self.compressor.is_noop:
+        if call is None or cache is None:
             return original(module, query, key, value, attention_mask, **kwargs)
         layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
         if call.prefill:
             output = original(module, query, key, value, attention_mask, **kwargs)
+            if self.compressor.is_noop:
+                return output
             self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs)
             return output
         state = _cache_states.get(cache)
@@ -405,12 +428,13 @@ class CompressionSession:
             values=value,
             queries=query,
             scaling=float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)),
-            modality=call.modality,
+            modality=call.modality.to(key.device),  # layers may live on different devices
             n_keep=call.n_keep,
         )
         plan = self.compressor.plan(view)
         self._check_plan(plan, view)
-        self._pending[layer_idx] = (plan, LayerState(plan.slot_valid, call.n_keep, view.state), True)
+        layer_state = LayerState(plan.n_slots, None, call.n_keep, view.state)
+        self._pending[layer_idx] = (plan, layer_state, True)
 
     def _check_plan(self, plan: CompressionPlan, view: LayerView) -> None:
         name = type(self.compressor).__name__
@@ -448,39 +472,59 @@ class CompressionSession:
         assert call is not None
         q_len = query.shape[2]
         cached = key.shape[2] - q_len
-        new_valid = call.new_valid.to(key.device)
-        cached_valid = layer_state.slot_valid.to(key.device)
-        if cached_valid.shape[1] != cached:
+        if cached != layer_state.length:
             raise InvalidInputError(
                 f"layer {layer_idx}'s compressed cache holds {cached} entries but kvpress-mm expected "
-                f"{cached_valid.shape[1]}: the cache was changed outside the compressor (crop, reorder, beam search?)"
+                f"{layer_state.length}: the cache was changed outside the compressor (crop, reorder, beam search?)"
             )
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=key.device).tril()
-        visible = torch.cat(
-            [cached_valid[:, None, :].expand(-1, q_len, -1), causal[None] & new_valid[:, None, :]], dim=-1
-        )  # [B, q, kv]
-        mask: torch.Tensor | None
-        if q_len == 1 and bool(visible.all()):
-            mask = None
-        elif wrapped == "sdpa":
-            mask = visible[:, None]
-        else:
-            mask = torch.zeros(visible.shape, dtype=query.dtype, device=key.device)
-            mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)[:, None]
+        visible: torch.Tensor | None = None
+        mask: torch.Tensor | None = None
+        if not (q_len == 1 and layer_state.slot_valid is None and call.new_all_valid):
+            visible = self._visible(layer_state, call, cached, q_len, key.device)
+            if wrapped == "sdpa":
+                mask = visible[:, None]
+            else:
+                mask = torch.zeros(visible.shape, dtype=query.dtype, device=key.device)
+                mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)[:, None]
         output = original(module, query, key, value, mask, **kwargs)
-        slot_valid = torch.cat([cached_valid, new_valid], dim=-1)
-        view = DecodeView(
-            layer_idx=layer_idx,
-            keys=key,
-            values=value,
-            queries=query,
-            scaling=float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)),
-            slot_valid=slot_valid,
-            visible=visible,
-            n_keep=layer_state.n_keep,
-            state=layer_state.strategy_state,
-        )
-        plan = self.compressor.decode_plan(view)
+        if layer_state.slot_valid is None and call.new_all_valid:
+            slot_valid = None
+        else:
+            slot_valid = torch.cat(
+                [self._cached_valid(layer_state, call, key.device), call.new_valid.to(key.device)], dim=-1
+            )
+        plan = None
+        if self._decodes:
+            if visible is None:
+                visible = self._visible(layer_state, call, cached, q_len, key.device)
+            view = DecodeView(
+                layer_idx=layer_idx,
+                keys=key,
+                values=value,
+                queries=query,
+                scaling=float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)),
+                slot_valid=slot_valid if slot_valid is not None else visible[:, -1],
+                visible=visible,
+                n_keep=layer_state.n_keep,
+                state=layer_state.strategy_state,
+            )
+            plan = self.compressor.decode_plan(view)
+        layer_state.length = cached + q_len
         layer_state.slot_valid = slot_valid
         self._pending[layer_idx] = (plan, layer_state, False)
         return output
+
+    @staticmethod
+    def _cached_valid(layer_state: LayerState, call: CallInfo, device: torch.device) -> torch.Tensor:
+        if layer_state.slot_valid is not None:
+            return layer_state.slot_valid.to(device)
+        return torch.ones(call.new_valid.shape[0], layer_state.length, dtype=torch.bool, device=device)
+
+    def _visible(
+        self, layer_state: LayerState, call: CallInfo, cached: int, q_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """``[B, q, cached + q]`` bool: kept valid slots, then the new tokens causally."""
+        cached_valid = self._cached_valid(layer_state, call, device)
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+        new_valid = call.new_valid.to(device)
+        return torch.cat([cached_valid[:, None, :].expand(-1, q_len, -1), causal[None] & new_valid[:, None, :]], dim=-1)
