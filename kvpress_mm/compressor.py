@@ -45,6 +45,9 @@ class Compressor(BaseModel):
         default=0.5, ge=0.0, lt=1.0, allow_inf_nan=False, description="Fraction of prompt entries removed."
     )
 
+    def __str__(self) -> str:
+        return repr(self)
+
     @abstractmethod
     def plan(self, layer: LayerView) -> CompressionPlan:
         """Decide which entries of ``layer`` each KV head keeps (and how evicted ones merge)."""

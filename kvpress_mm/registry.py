@@ -104,8 +104,16 @@ class Registry:
                 continue
             if self.manager.is_registered(module):
                 continue
-            plugin_name = f"entry-point:{entry_point.name}"
-            self.manager.register(module, name=plugin_name)
+            plugin_name = f"entry-point:{dist.name if dist is not None else '?'}:{entry_point.name}"
+            try:
+                self.manager.register(module, name=plugin_name)
+            except Exception as error:  # e.g. a hook whose signature does not match the spec
+                warnings.warn(
+                    f"kvpress_mm {origin} could not be registered and was skipped: {type(error).__name__}: {error}",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+                continue
             self._origins[plugin_name] = origin
 
     def _collect(self, hook_name: str, add: Callable[[Any, str, list[Any]], None]) -> None:
@@ -206,7 +214,9 @@ def get_strategy(name: str) -> type[Compressor]:
     if name in strategies:
         return strategies[name].cls
     available = sorted(strategies)
-    close = difflib.get_close_matches(str(name), available, n=3, cutoff=0.6)
+    # compared case-insensitively: "SnapKV" / "H2O" (the papers' spelling) should point to "snapkv" / "h2o"
+    lowered = difflib.get_close_matches(str(name).lower(), [n.lower() for n in available], n=3, cutoff=0.6)
+    close = [n for low in dict.fromkeys(lowered) for n in available if n.lower() == low]
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise UnknownStrategyError(f"unknown strategy {name!r}.{hint} Available strategies: {', '.join(available)}.")
 

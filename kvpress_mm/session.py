@@ -78,6 +78,8 @@ class CacheState:
 
     seen_columns: int  # columns of the 2-D attention mask consumed so far (prompt + decoded)
     layers: dict[int, LayerState] = field(default_factory=dict)
+    # [B] long: each row's real tokens so far, i.e. the position its next token must have
+    next_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -192,6 +194,44 @@ def _check_left_padding(modality: torch.Tensor) -> None:
         )
 
 
+def _unsupported_cache_layer(layer: Any, layer_idx: int) -> UnsupportedCacheError:
+    return UnsupportedCacheError(
+        f"cannot compress a {type(layer).__name__} cache layer (layer {layer_idx}); compression needs "
+        "transformers' DynamicCache: do not set cache_implementation='static' (or quantized/offloaded), "
+        "or pass past_key_values=DynamicCache(config=model.config)"
+    )
+
+
+def _check_cache_layers(cache: Any) -> None:
+    """Refuse, up front, a cache whose (non-sliding) layers are not plain ``DynamicLayer``s."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer_idx, layer in enumerate(getattr(cache, "layers", None) or ()):
+        if not getattr(layer, "is_sliding", False) and type(layer) is not DynamicLayer:
+            raise _unsupported_cache_layer(layer, layer_idx)
+
+
+def _check_continuation_positions(state: CacheState, position_ids: torch.Tensor, q_len: int) -> None:
+    """Refuse a call on a compressed cache whose first new token is not where the conversation stands.
+
+    Catches ``generate(full_history, cache=compressed)``: generate slices the history at the
+    (shorter) cache length and re-feeds tokens the cache has already seen.
+    """
+    expected = state.next_positions
+    text = position_ids[0] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else position_ids
+    if expected is None or text.dim() != 2 or text.shape[-1] != q_len or text.shape[0] not in (1, expected.shape[0]):
+        return  # multimodal RoPE positions, or shapes we cannot compare
+    first = text[:, 0].to(expected.device).expand_as(expected)
+    # positions counted over real tokens (generate), or over mask columns (a plain forward without a mask)
+    if bool(((first == expected) | (first == state.seen_columns)).all()):
+        return
+    raise InvalidInputError(
+        f"this compressed cache continues at position(s) {expected.tolist()}, but the call's first new token "
+        f"is at {first.tolist()}. To continue on a compressed cache, pass only the tokens it has not seen as "
+        "input_ids, with the attention_mask of the whole conversation"
+    )
+
+
 class CompressionSession:
     """A model under compression: a context manager returned by ``compressor(model)``.
 
@@ -300,6 +340,17 @@ class CompressionSession:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         mask = kwargs.get("attention_mask")
         if state is None and past == 0:
+            if self.compressor.is_noop:  # exactly transformers' behaviour, whatever the inputs
+                self._call = None
+                rows = int(tokens.shape[0])
+                lengths = (
+                    mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else [q_len] * rows
+                )
+                kept = tuple(int(n) for n in lengths)
+                self.report = CompressionReport(prompt_lengths=kept, n_keep=kept)
+                return
+            if cache is not None:
+                _check_cache_layers(cache)  # before input checks that a static cache's 4-D mask would trip
             self._adapter.validate_inputs(self.model, inputs)
             modality = self._adapter.modality_map(self.model, inputs, q_len).to(tokens.device)
             _check_left_padding(modality)
@@ -323,13 +374,18 @@ class CompressionSession:
                 )
             new_valid = mask[:, -q_len:].to(device=tokens.device, dtype=torch.bool)
         else:
-            if kwargs.get("position_ids") is None:
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
                 raise InvalidInputError(
                     "a call on a compressed cache needs the 2-D attention_mask of the whole conversation or "
                     "explicit position_ids: positions derived from the (shorter) cache length would be wrong"
                 )
+            # generate drops an all-ones attention_mask and passes position_ids instead
+            _check_continuation_positions(state, position_ids, q_len)
             new_valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         state.seen_columns += q_len
+        if state.next_positions is not None:
+            state.next_positions = state.next_positions + new_valid.sum(-1).to(state.next_positions.device)
         self._call = CallInfo(False, q_len, new_valid)
 
     def _before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -410,18 +466,15 @@ class CompressionSession:
                 self._warned_sliding = True
             return
         if type(layer) is not DynamicLayer:
-            raise UnsupportedCacheError(
-                f"cannot compress a {type(layer).__name__} cache layer (layer {layer_idx}); compression needs "
-                "transformers' DynamicCache: do not set cache_implementation='static' (or quantized/offloaded), "
-                "or pass past_key_values=DynamicCache(config=model.config)"
-            )
+            raise _unsupported_cache_layer(layer, layer_idx)
         if key.shape[2] != call.modality.shape[1]:
             raise InvalidInputError(
                 f"layer {layer_idx} saw {key.shape[2]} prompt keys but the call has {call.modality.shape[1]} "
                 "positions; chunked prefill is not supported under compression"
             )
         if cache not in _cache_states:
-            _cache_states[cache] = CacheState(seen_columns=call.q_len)
+            next_positions = (call.modality != Modality.PADDING).sum(-1)
+            _cache_states[cache] = CacheState(seen_columns=call.q_len, next_positions=next_positions)
         view = LayerView(
             layer_idx=layer_idx,
             keys=key,

@@ -15,8 +15,9 @@ from kvpress_mm.layer import LayerView
 class Random(ScoredCompressor):
     """Keeps ``n_keep`` entries chosen uniformly at random per KV head.
 
-    Deterministic given ``seed``: layer ``i`` draws from a generator seeded with
-    ``seed`` and ``i``, so layers differ but runs repeat.
+    Deterministic given ``seed``: layer ``i`` draws from a generator seeded with ``seed``
+    and ``i``, so layers differ but runs repeat. Each row draws over its own real entries, so a
+    prompt gets the same selection alone and inside a padded batch.
 
     Attributes:
         seed: seed of the random choice (default 0).
@@ -27,9 +28,12 @@ class Random(ScoredCompressor):
 
     def score(self, layer: LayerView) -> torch.Tensor:
         """Independent uniform scores: the top ``n_keep`` form a uniform random subset."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer.layer_idx)
-        shape = (layer.batch_size, layer.kv_heads, layer.seq_len)
-        return torch.rand(shape, generator=generator).to(layer.keys.device)
+        scores = torch.zeros(layer.batch_size, layer.kv_heads, layer.seq_len)
+        for b in range(layer.batch_size):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer.layer_idx)
+            positions = layer.real_positions(b).cpu()
+            scores[b][:, positions] = torch.rand(layer.kv_heads, positions.numel(), generator=generator)
+        return scores.to(layer.keys.device)
 
 
 @hookimpl

@@ -1,0 +1,5 @@
+"""``python -m kvpress_mm``: the ``kvpress-mm`` command line."""
+
+from kvpress_mm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""The ``kvpress-mm`` command line, driven the way a user drives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpress_mm import list_strategies
+from kvpress_mm.cli import main
+from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV
+
+TINY_DEMO = ["demo", "--prompt-length", "40", "--new-tokens", "3"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The demo sets torch's thread count for its process; give the test process its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``main(argv)`` as the console script runs it: (exit code, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse: --help, --version and usage errors
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- strategies --------------------------------------------------------------------------
+
+
+def test_strategies_lists_every_strategy_with_origin_description_and_defaults(capsys):
+    code, out, _ = run_cli(capsys, "strategies")
+    assert code == 0
+    for name in list_strategies():
+        assert f"{name}  [built-in (kvpress_mm.strategies." in out
+    assert "Keeps the observation window plus the prefix entries its queries attend to most." in out
+    assert "window_size: int = 32" in out  # snapkv
+    assert "sink_tokens: int = 4" in out  # streaming
+    assert "compression_ratio: float = 0.5" in out
+    assert f"{len(list_strategies())} strategies" in out
+
+
+def test_strategies_json_is_machine_readable(capsys):
+    code, out, _ = run_cli(capsys, "strategies", "--json")
+    assert code == 0
+    records = json.loads(out)
+    assert [r["name"] for r in records] == list_strategies()
+    by_name = {r["name"]: r for r in records}
+    snapkv = by_name["snapkv"]
+    assert snapkv["builtin"] is True
+    assert snapkv["class"] == "kvpress_mm.strategies.snapkv.SnapKV"
+    assert snapkv["config"]["window_size"] == {
+        "type": "int",
+        "default": 32,
+        "required": False,
+        "description": "Observation window (queries), always kept.",
+    }
+    assert snapkv["config"]["pooling"]["default"] == "max"
+    assert by_name["h2o"]["config"]["window_size"]["default"] is None
+    assert all(r["description"] and r["description"] != "(no description)" for r in records)
+
+
+def test_strategies_shows_an_installed_plugin(tmp_path: Path):
+    """A third-party distribution advertised through the entry-point group appears with its origin."""
+    (tmp_path / "kvpress_keynorm.py").write_text(
+        textwrap.dedent(
+            '''
+            import torch
+            from kvpress_mm import ScoredCompressor, hookimpl
+
+            class KeyNorm(ScoredCompressor):
+                """Keep the entries whose keys have the smallest norm."""
+                def score(self, layer) -> torch.Tensor:
+                    return -layer.keys.float().norm(dim=-1)
+
+            @hookimpl
+            def kvpress_mm_register_strategies(register):
+                register("keynorm", KeyNorm)
+            '''
+        )
+    )
+    dist_info = tmp_path / "kvpress_keynorm-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvpress-keynorm\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[kvpress_mm]\nkeynorm = kvpress_keynorm\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env.pop(DISABLE_AUTOLOAD_ENV, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpress_mm", "strategies", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    records = {r["name"]: r for r in json.loads(result.stdout)}
+    keynorm = records["keynorm"]
+    assert keynorm["builtin"] is False
+    assert "plugin 'keynorm'" in keynorm["origin"] and "kvpress-keynorm 0.1" in keynorm["origin"]
+    assert keynorm["description"] == "Keep the entries whose keys have the smallest norm."
+    assert set(keynorm["config"]) == {"compression_ratio"}
+
+
+# -- demo --------------------------------------------------------------------------------
+
+
+def test_demo_prints_the_table_and_says_the_model_is_random(capsys):
+    code, out, err = run_cli(capsys, *TINY_DEMO, "--strategies", "snapkv,lookm-pivotal")
+    assert code == 0, err
+    assert "RANDOM-WEIGHT" in out and "NOT answer quality" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("strategy "))
+    assert "KV before KiB" in lines[header] and "decode ms/tok" in lines[header] and "agreement" in lines[header]
+    rows = [line.split() for line in lines[header + 2 : header + 5]]
+    assert [r[0] for r in rows] == ["full", "snapkv", "lookm-pivotal"]  # full first, as the reference
+    assert rows[0][3] == "100%" and rows[0][-2] == "100%" and rows[0][-1] == "3/3"
+    # L = 40 at ratio 0.8 keeps int(40 * (1 - 0.8)) = 7 entries (1 - 0.8 = 0.19999... in floats): 17.5%
+    assert rows[1][3] == "18%" and rows[2][3] == "18%"
+    assert "running snapkv" in err  # progress on stderr, not in the table
+
+
+def test_demo_quiet_prints_only_the_table_and_a_caveat(capsys):
+    code, out, err = run_cli(capsys, *TINY_DEMO, "--strategies", "streaming", "--quiet")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("strategy ") and len(lines) == 5
+    assert "random-weight model" in lines[-1]
+    assert err == ""
+
+
+def test_demo_json_reports_memory_speed_and_agreement(capsys):
+    code, out, _ = run_cli(capsys, *TINY_DEMO, "--strategies", "h2o,snapkv", "--ratio", "0.5", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert "random" in result["note"].lower()
+    assert (result["prompt_length"], result["new_tokens"], result["compression_ratio"]) == (40, 3, 0.5)
+    rows = {row["strategy"]: row for row in result["rows"]}
+    assert list(rows) == ["full", "h2o", "snapkv"]
+    # 4 layers x (keys + values) x 2 KV heads x 40 entries x head_dim 32 x 4 bytes (float32)
+    prompt_bytes = 4 * 2 * 2 * 40 * 32 * 4
+    assert all(row["kv_bytes_before"] == prompt_bytes for row in rows.values())
+    assert rows["full"]["kv_bytes_after"] == prompt_bytes
+    assert rows["full"]["agreement"] == 1.0 and rows["full"]["matching_prefix"] == 3
+    for name in ("h2o", "snapkv"):
+        assert rows[name]["kv_bytes_after"] == prompt_bytes // 2  # int(40 * 0.5) = 20 entries
+        assert rows[name]["kept_fraction"] == 0.5
+        assert rows[name]["config"]["strategy"] == name
+        assert rows[name]["config"]["compression_ratio"] == 0.5
+        assert 0.0 <= rows[name]["agreement"] <= 1.0 and len(rows[name]["tokens"]) == 3
+        assert rows[name]["tokens"][0] == rows["full"]["tokens"][0]  # the first token comes from the full prefill
+        assert rows[name]["decode_ms_per_token"] > 0
+    # two decode steps add 2 entries per layer, except under h2o, which evicts back to its budget
+    per_entry = prompt_bytes // 40
+    assert rows["snapkv"]["kv_bytes_end"] == prompt_bytes // 2 + 2 * per_entry
+    assert rows["h2o"]["kv_bytes_end"] == prompt_bytes // 2
+
+
+def test_demo_at_ratio_zero_changes_nothing(capsys):
+    code, out, _ = run_cli(capsys, *TINY_DEMO, "--strategies", "snapkv,lookm-pivotal", "--ratio", "0", "--json")
+    assert code == 0
+    for row in json.loads(out)["rows"]:
+        assert row["kv_bytes_after"] == row["kv_bytes_before"]
+        assert row["agreement"] == 1.0
+
+
+# -- errors and help ---------------------------------------------------------------------
+
+
+def test_unknown_strategy_exits_nonzero_with_one_line_and_suggestions(capsys):
+    code, out, err = run_cli(capsys, *TINY_DEMO, "--strategies", "snapk,h2o")
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("kvpress-mm demo: error: unknown strategy 'snapk'")
+    assert "Did you mean 'snapkv'?" in err and "lookm-pivotal" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["demo", "--ratio", "1"], "the compression ratio must be in [0, 1)"),
+        (["demo", "--ratio", "abc"], "expected a number in [0, 1)"),
+        (["demo", "--prompt-length", "0"], "expected a number of at least 1"),
+        (["demo", "--strategies", ","], "expected comma-separated strategy names"),
+        (["demo", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["compress"], "invalid choice: 'compress'"),
+        ([], "choose a command"),
+    ],
+)
+def test_bad_command_lines_exit_2_with_one_line(capsys, argv, expected):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert expected in err and "--help" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["strategies"], ["demo"]])
+def test_every_command_has_help_with_examples(capsys, argv):
+    code, out, _ = run_cli(capsys, *argv, "--help")
+    assert code == 0
+    assert "examples:" in out and "kvpress-mm" in out
+
+
+def test_python_dash_m_runs_the_console_script():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpress_mm", "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("kvpress-mm 0.")
