@@ -39,6 +39,13 @@ BUILTIN_PLUGINS = (
     "kvpress_mm.strategies.lookm_average",
     "kvpress_mm.strategies.lookm_pivotal",
     "kvpress_mm.strategies.lookm_weighted",
+    "kvpress_mm.adapters.llava",
+    "kvpress_mm.adapters.llava_next",
+    "kvpress_mm.adapters.llava_onevision",
+    "kvpress_mm.adapters.qwen2_vl",
+    "kvpress_mm.adapters.qwen2_5_vl",
+    "kvpress_mm.adapters.qwen3_vl",
+    "kvpress_mm.adapters.internvl",
     "kvpress_mm.adapters.generic",
 )
 

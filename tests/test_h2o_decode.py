@@ -38,9 +38,7 @@ def naive_step_scores(
     steps=st.integers(1, 6),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_h2o_decode_eviction(
-    case: SyntheticCase, window: int | None, steps: int, dtype: torch.dtype
-) -> None:
+def test_h2o_decode_eviction(case: SyntheticCase, window: int | None, steps: int, dtype: torch.dtype) -> None:
     tensors = make_tensors(case, dtype)
     view = make_view(case, tensors=tensors)
     h2o = Compressor.from_name("h2o", compression_ratio=case.ratio, window_size=window)
@@ -55,7 +53,12 @@ def test_h2o_decode_eviction(
     expected = naive_h2o_scores(view).gather(2, plan.kept_indices)
     expected = expected.masked_fill(~slot_valid[:, None, :], float("inf"))
     windows = [min(n // 2 if window is None else window, n) for n in case.n_keep]
-    originals_k = {(b, h, int(p)): view.keys[b, h, int(p)] for b in range(case.batch) for h in range(case.kv_heads) for p in range(case.padded_length)}
+    originals_k = {
+        (b, h, int(p)): view.keys[b, h, int(p)]
+        for b in range(case.batch)
+        for h in range(case.kv_heads)
+        for p in range(case.padded_length)
+    }
 
     gen = torch.Generator().manual_seed(case.seed + 1)
     for step in range(steps):

@@ -152,6 +152,18 @@ def test_list_strategies_is_exactly_the_builtins_without_autoload(no_autoload: N
     assert len(list_strategies()) == 9
 
 
+ADAPTER_MODULES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "generic",
+)
+
+
 def test_builtins_register_through_the_plugin_hooks(no_autoload: None) -> None:
     infos = {info.name: info for info in strategy_infos()}
     assert set(infos) == set(BUILTINS)
@@ -166,8 +178,11 @@ def test_builtins_register_through_the_plugin_hooks(no_autoload: None) -> None:
     impls = manager.hook.kvpress_mm_register_strategies.get_hookimpls()
     assert {impl.plugin_name for impl in impls} == {f"kvpress_mm.strategies.{m}" for m in BUILTINS.values()}
     adapters = registered_adapters()
-    assert [type(a.adapter) for a in adapters] == [TextDecoderAdapter]
-    assert adapters[0].origin == "built-in (kvpress_mm.adapters.generic)"
+    # one adapter per family, the generic text adapter last (it is the fallback)
+    assert type(adapters[-1].adapter) is TextDecoderAdapter
+    assert adapters[-1].origin == "built-in (kvpress_mm.adapters.generic)"
+    families = [a.origin for a in adapters]
+    assert families == [f"built-in (kvpress_mm.adapters.{m})" for m in ADAPTER_MODULES]
 
 
 def test_from_name_builds_every_builtin(no_autoload: None) -> None:
@@ -394,7 +409,8 @@ def test_plugin_registering_wrong_objects_warns(monkeypatch: pytest.MonkeyPatch)
         names = list_strategies()
         adapters = registered_adapters()
     assert names == sorted(BUILTINS)
-    assert [type(a.adapter) for a in adapters] == [TextDecoderAdapter]
+    # nothing from the bad plugin: exactly the built-in adapters
+    assert [a.origin for a in adapters] == [f"built-in (kvpress_mm.adapters.{m})" for m in ADAPTER_MODULES]
     messages = [str(w.message) for w in record]
     assert len(messages) == 2
     strategies_msg = next(m for m in messages if "kvpress_mm_register_strategies" in m)
@@ -422,8 +438,9 @@ def test_plugin_with_a_mismatched_hook_signature_warns(monkeypatch: pytest.Monke
 def test_plugin_adapter_is_tried_before_the_builtins(monkeypatch: pytest.MonkeyPatch) -> None:
     install(monkeypatch, "adapter")
     adapters = registered_adapters()
-    assert len(adapters) == 2
-    plugin, builtin = adapters
+    assert len(adapters) == 1 + len(ADAPTER_MODULES)
+    plugin, builtin = adapters[0], adapters[-1]
+    assert [a.origin for a in adapters[1:]] == [f"built-in (kvpress_mm.adapters.{m})" for m in ADAPTER_MODULES]
     assert type(plugin.adapter).__name__ == "MyLlamaAdapter"
     assert isinstance(plugin.adapter, ModelAdapter)
     assert "kvpress-my-adapter" in plugin.origin and "kvpress_my_adapter" in plugin.origin

@@ -13,11 +13,11 @@ from synthetic import (
     CacheLayer,
     SyntheticCase,
     kept_rows,
-    ratios,
     make_tensors,
     make_view,
     naive_h2o_scores,
     naive_snapkv_scores,
+    ratios,
     real_positions,
     synthetic_cases,
 )
@@ -46,7 +46,10 @@ def configs(draw: st.DrawFn, name: str) -> dict[str, Any]:
     if name in LOOKM_STRATEGIES:
         return {"window_size": draw(WINDOWS), "keep_all_text": draw(st.booleans())}
     if name == "snapkv":
-        cfg: dict[str, Any] = {"kernel_size": draw(st.sampled_from([1, 3, 5, 7])), "pooling": draw(st.sampled_from(["max", "avg"]))}
+        cfg: dict[str, Any] = {
+            "kernel_size": draw(st.sampled_from([1, 3, 5, 7])),
+            "pooling": draw(st.sampled_from(["max", "avg"])),
+        }
         window = draw(st.one_of(st.none(), st.integers(1, 100)))
         if window is not None:
             cfg["window_size"] = window
@@ -149,7 +152,9 @@ def test_budget_is_int_of_l_times_one_minus_r(length: int, ratio: float) -> None
 
 @settings(max_examples=30, deadline=None)
 @given(case=synthetic_cases(ratio=st.just(0.0)), named=named_configs, dtype=DTYPES)
-def test_ratio_zero_keeps_everything(case: SyntheticCase, named: tuple[str, dict[str, Any]], dtype: torch.dtype) -> None:
+def test_ratio_zero_keeps_everything(
+    case: SyntheticCase, named: tuple[str, dict[str, Any]], dtype: torch.dtype
+) -> None:
     name, config = named
     view = make_view(case, dtype)
     strategy = Compressor.from_name(name, compression_ratio=0.0, **config)
@@ -284,7 +289,9 @@ def test_lookm_equals_h2o_on_text_only_prompts(case: SyntheticCase, window: int 
     assert torch.equal(h2o_plan.kept_indices, lookm_plan.kept_indices)
     assert torch.equal(h2o_plan.slot_valid, lookm_plan.slot_valid)
     # keep_all_text on a prompt without images: not compressed at all
-    everything = Compressor.from_name("lookm-evict", compression_ratio=case.ratio, window_size=window, keep_all_text=True)
+    everything = Compressor.from_name(
+        "lookm-evict", compression_ratio=case.ratio, window_size=window, keep_all_text=True
+    )
     plan = everything.plan(make_view(case, tensors=tensors))
     for b in range(case.batch):
         assert kept_rows(plan, b) == [real_positions(tensors["modality"][b])] * case.kv_heads

@@ -1,0 +1,97 @@
+"""Shared machinery of the vision-language adapters: placeholder tokens mark image/video entries.
+
+A vision-language model's text decoder sees one embedding per placeholder token: the image
+token id (``config.image_token_id``) marks an image feature, the video token id a video
+feature. Those positions are ``IMAGE`` / ``VIDEO`` in the modality map; everything else,
+vision delimiters (``<vision_start>``, ``<img>``, ...) included, is ``TEXT``; padding is
+``PADDING``. No tokens-per-image count is assumed: the map comes from the inputs themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kvpress_mm.adapters.base import ModelAdapter, padding_aware_text_map
+from kvpress_mm.errors import InvalidInputError
+from kvpress_mm.modality import Modality
+
+
+def _config(model: nn.Module) -> Any:
+    return model.config
+
+
+class VisionLanguageAdapter(ModelAdapter):
+    """Base of the adapters for transformers' ``*ForConditionalGeneration`` vision-language models.
+
+    Subclasses name their model classes and, where it differs, how inputs are checked.
+    """
+
+    #: Names of the transformers classes this adapter claims (the class or one of its bases).
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: Input names that carry images / videos for this family.
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    video_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def supports(self, model: nn.Module) -> bool:
+        """Claim the model if its class (or a base class) is one of ``model_classes``."""
+        return any(cls.__name__ in self.model_classes for cls in type(model).__mro__)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The language model's ``layers[i].self_attn``."""
+        decoder: Any = model.get_decoder()  # type: ignore[operator]
+        return [layer.self_attn for layer in decoder.layers]
+
+    def attention_implementation(self, model: nn.Module) -> str:
+        """The text config's attention implementation (the vision tower keeps its own)."""
+        return str(_config(model).get_text_config()._attn_implementation)
+
+    def set_attention_implementation(self, model: nn.Module, implementation: str) -> None:
+        """Switch the language model only; the vision tower is left alone."""
+        model.set_attn_implementation({"text_config": implementation})  # type: ignore[operator]
+
+    def token_ids(self, model: nn.Module) -> dict[Modality, int]:
+        """Placeholder token id of each non-text modality."""
+        config = _config(model)
+        ids = {Modality.IMAGE: int(config.image_token_id)}
+        video = getattr(config, "video_token_id", None)
+        if video is not None:
+            ids[Modality.VIDEO] = int(video)
+        return ids
+
+    def modality_map(self, model: nn.Module, inputs: Mapping[str, Any], seq_len: int) -> torch.Tensor:
+        """Image / video placeholders from the token ids; delimiters are text; padding from the mask."""
+        modality = padding_aware_text_map(inputs, seq_len)
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor):
+            return modality  # inputs_embeds only: validate_inputs made sure there are no images
+        modality = modality.to(input_ids.device)
+        real = modality != Modality.PADDING
+        for code, token_id in self.token_ids(model).items():
+            modality = modality.masked_fill((input_ids == token_id) & real, int(code))
+        return modality
+
+    def validate_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
+        """Images need placeholder tokens in ``input_ids``; counts are checked per family."""
+        input_ids = inputs.get("input_ids")
+        for names, code, what in (
+            (self.image_inputs, Modality.IMAGE, "image"),
+            (self.video_inputs, Modality.VIDEO, "video"),
+        ):
+            given = [n for n in names if inputs.get(n) is not None]
+            if not given:
+                continue
+            if not isinstance(input_ids, torch.Tensor):
+                raise InvalidInputError(
+                    f"{given[0]} given with inputs_embeds only: kvpress-mm needs input_ids to find the {what} "
+                    "placeholder positions"
+                )
+            token_id = self.token_ids(model).get(code)
+            if token_id is None or not bool((input_ids == token_id).any()):
+                raise InvalidInputError(
+                    f"{given[0]} given but input_ids contain no {what} placeholder token (id {token_id}); "
+                    f"build the prompt with the model's processor, which expands each {what} into its placeholders"
+                )
