@@ -221,14 +221,22 @@ def masked_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     visibility: dict[int, torch.Tensor],
+    extra_inputs: dict[str, Any] | None = None,
+    explicit_positions: bool = True,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]`` of a no-cache forward where layer ``l``'s queries see ``visibility[l]``.
 
     ``visibility[l]`` is ``[B, kvH, T, T]`` or ``[B, T, T]`` bool. Padding query rows are made
     to see themselves only (their outputs are never looked at, but must not be NaN).
+
+    Vision-language models: ``extra_inputs`` go to the forward as they are (``pixel_values``,
+    ``image_sizes``, ``mm_token_type_ids`` covering all ``T`` positions, ...); only the text
+    decoder switches to the reference attention. ``explicit_positions=False`` lets the model
+    derive positions itself (Qwen's multimodal RoPE from ``get_rope_index``).
     """
     _register()
-    config: Any = model.config
+    config: Any = model.config.get_text_config()  # type: ignore[union-attr,operator]
+    multimodal = bool(getattr(model.config, "sub_configs", None))
     implementation = str(config._attn_implementation)
     assert implementation in ("sdpa", "eager"), implementation
     kv_heads = int(config.num_key_value_heads)
@@ -245,16 +253,19 @@ def masked_logits(
         masks[layer_idx] = vis
     _REF_MASKS.clear()
     _REF_MASKS.update(masks)
-    model.set_attn_implementation(REF_PREFIX + implementation)  # type: ignore[operator]
+
+
+    def switch(name: str) -> None:
+        model.set_attn_implementation({"text_config": name} if multimodal else name)  # type: ignore[operator]
+
+    inputs: dict[str, Any] = dict(extra_inputs or {})
+    if explicit_positions:
+        inputs["position_ids"] = positions_from_mask(attention_mask)
+    switch(REF_PREFIX + implementation)
     try:
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-        ).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
     finally:
-        model.set_attn_implementation(implementation)  # type: ignore[operator]
+        switch(implementation)
         _REF_MASKS.clear()
     return logits.float()
 
