@@ -80,6 +80,8 @@ class CacheState:
     layers: dict[int, LayerState] = field(default_factory=dict)
     # [B] long: each row's real tokens so far, i.e. the position its next token must have
     next_positions: torch.Tensor | None = None
+    # what the adapter recorded about the prompt (ModelAdapter.record_prompt)
+    prompt_record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class CallInfo:
     new_valid: torch.Tensor  # [B, q] bool: which new tokens are real
     modality: torch.Tensor | None = None  # [B, P] int8 at prefill
     n_keep: tuple[int, ...] = ()
+    prompt_record: dict[str, Any] = field(default_factory=dict)  # ModelAdapter.record_prompt at prefill
 
     @property
     def new_all_valid(self) -> bool:
@@ -254,6 +257,7 @@ class CompressionSession:
         self._original_implementation: str | None = None
         self._modules: list[nn.Module] = []
         self._handles: list[Any] = []
+        self._undo: list[Callable[[], None]] = []  # removes the adapter's instrumentation
         self._call: CallInfo | None = None
         self._cache: Any = None
         self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
@@ -284,6 +288,9 @@ class CompressionSession:
             adapter.set_attention_implementation(self.model, ATTENTION_PREFIX + original)
             self._original_implementation = original
             self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            undo = None if self.compressor.is_noop else adapter.instrument(self.model)
+            if undo is not None:
+                self._undo.append(undo)
             for module in self._modules:
                 _session_by_module[module] = self
                 self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
@@ -307,6 +314,8 @@ class CompressionSession:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        while self._undo:
+            self._undo.pop()()
         for module in self._modules:
             if _session_by_module.get(module) is self:
                 del _session_by_module[module]
@@ -356,7 +365,8 @@ class CompressionSession:
             _check_left_padding(modality)
             lengths = (modality != Modality.PADDING).sum(-1).tolist()
             n_keep = tuple(n_keep_for(int(n), self.compressor.compression_ratio) for n in lengths)
-            self._call = CallInfo(True, q_len, modality != Modality.PADDING, modality, n_keep)
+            record = self._adapter.record_prompt(self.model, inputs)
+            self._call = CallInfo(True, q_len, modality != Modality.PADDING, modality, n_keep, record)
             self.report = CompressionReport(prompt_lengths=tuple(int(n) for n in lengths), n_keep=n_keep)
             return
         if state is None:  # a cache filled without compression: plain transformers behaviour
@@ -380,9 +390,13 @@ class CompressionSession:
                     "a call on a compressed cache needs the 2-D attention_mask of the whole conversation or "
                     "explicit position_ids: positions derived from the (shorter) cache length would be wrong"
                 )
-            # generate drops an all-ones attention_mask and passes position_ids instead
-            _check_continuation_positions(state, position_ids, q_len)
             new_valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if state.next_positions is not None:
+            record, positions = state.prompt_record, state.next_positions
+            self._adapter.validate_continuation(self.model, inputs, record, positions, new_valid)
+        if not isinstance(mask, torch.Tensor):
+            # generate drops an all-ones attention_mask and passes position_ids instead
+            _check_continuation_positions(state, kwargs["position_ids"], q_len)
         state.seen_columns += q_len
         if state.next_positions is not None:
             state.next_positions = state.next_positions + new_valid.sum(-1).to(state.next_positions.device)
@@ -474,7 +488,9 @@ class CompressionSession:
             )
         if cache not in _cache_states:
             next_positions = (call.modality != Modality.PADDING).sum(-1)
-            _cache_states[cache] = CacheState(seen_columns=call.q_len, next_positions=next_positions)
+            _cache_states[cache] = CacheState(
+                seen_columns=call.q_len, next_positions=next_positions, prompt_record=call.prompt_record
+            )
         view = LayerView(
             layer_idx=layer_idx,
             keys=key,

@@ -254,7 +254,6 @@ def masked_logits(
     _REF_MASKS.clear()
     _REF_MASKS.update(masks)
 
-
     def switch(name: str) -> None:
         model.set_attn_implementation({"text_config": name} if multimodal else name)  # type: ignore[operator]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -48,6 +48,41 @@ class ModelAdapter(ABC):
 
     def validate_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
         """Raise :class:`~kvpress_mm.errors.InvalidInputError` for inputs that would go wrong."""
+
+    def instrument(self, model: nn.Module) -> Callable[[], None] | None:
+        """Family-specific checks installed for a compressing session's lifetime.
+
+        Returns the function that removes them (called when the session exits), or ``None``.
+        The default installs nothing.
+        """
+        return None
+
+    def record_prompt(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """What to remember about a prompt that gets compressed, for later calls on its cache.
+
+        Called at the prefill, after :meth:`validate_inputs`; the result is handed to
+        :meth:`validate_continuation`. The default remembers nothing.
+        """
+        return {}
+
+    def validate_continuation(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        record: Mapping[str, Any],
+        next_positions: torch.Tensor,
+        new_valid: torch.Tensor,
+    ) -> None:
+        """Raise :class:`~kvpress_mm.errors.InvalidInputError` for a call on a compressed cache that would go wrong.
+
+        Args:
+            model: the model.
+            inputs: the call's keyword inputs.
+            record: what :meth:`record_prompt` returned for the cache's prompt.
+            next_positions: ``[batch]`` the text position of each row's next real token.
+            new_valid: ``[batch, q]`` bool, which of the call's tokens are real.
+
+        """
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:

@@ -1,19 +1,26 @@
-"""The Qwen2.5-VL adapter: ``Qwen2_5_VLForConditionalGeneration``."""
+"""The Qwen2.5-VL adapter: ``Qwen2_5_VLForConditionalGeneration``.
+
+The Qwen-VL logic (modality map from ``mm_token_type_ids``, placeholder and M-RoPE checks,
+:func:`expand_vision_placeholders`) lives in :mod:`kvpress_mm.adapters.qwen_vl_base`. Videos
+may bring ``second_per_grid_ts`` (absolute time in the temporal M-RoPE row); the model uses
+it, the checks here do not need it.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from kvpress_mm.adapters.vlm import VisionLanguageAdapter
+from kvpress_mm.adapters.qwen_vl_base import QwenVLAdapter, expand_vision_placeholders
 from kvpress_mm.hookspecs import hookimpl
 
+__all__ = ["Qwen25VLAdapter", "expand_vision_placeholders"]
 
-class Qwen25VLAdapter(VisionLanguageAdapter):
-    """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): image placeholders are ``config.image_token_id``."""
+
+class Qwen25VLAdapter(QwenVLAdapter):
+    """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): images and videos, multimodal RoPE."""
 
     family = "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)"
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
-    video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
 
 
 @hookimpl

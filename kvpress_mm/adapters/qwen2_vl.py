@@ -1,19 +1,24 @@
-"""The Qwen2-VL adapter: ``Qwen2VLForConditionalGeneration``."""
+"""The Qwen2-VL adapter: ``Qwen2VLForConditionalGeneration``.
+
+The Qwen-VL logic (modality map from ``mm_token_type_ids``, placeholder and M-RoPE checks,
+:func:`expand_vision_placeholders`) lives in :mod:`kvpress_mm.adapters.qwen_vl_base`.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from kvpress_mm.adapters.vlm import VisionLanguageAdapter
+from kvpress_mm.adapters.qwen_vl_base import QwenVLAdapter, expand_vision_placeholders
 from kvpress_mm.hookspecs import hookimpl
 
+__all__ = ["Qwen2VLAdapter", "expand_vision_placeholders"]
 
-class Qwen2VLAdapter(VisionLanguageAdapter):
-    """Qwen2-VL (Qwen2VLForConditionalGeneration): image placeholders are ``config.image_token_id``."""
+
+class Qwen2VLAdapter(QwenVLAdapter):
+    """Qwen2-VL (Qwen2VLForConditionalGeneration): images and videos, multimodal RoPE."""
 
     family = "Qwen2-VL (Qwen2VLForConditionalGeneration)"
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
-    video_inputs: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
 
 
 @hookimpl

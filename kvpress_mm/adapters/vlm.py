@@ -82,6 +82,10 @@ class VisionLanguageAdapter(ModelAdapter):
             (self.video_inputs, Modality.VIDEO, "video"),
         ):
             given = [n for n in names if inputs.get(n) is not None]
+            encoded = inputs.get("mm_encoder_outputs")
+            if isinstance(encoded, Mapping) and encoded.get(what) is not None:
+                # generate (transformers 5.24+) encodes the pixels first and passes these instead
+                given.append(f"mm_encoder_outputs[{what!r}]")
             if not given:
                 continue
             if not isinstance(input_ids, torch.Tensor):
