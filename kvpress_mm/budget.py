@@ -6,10 +6,19 @@ from __future__ import annotations
 def n_keep_for(prompt_length: int, compression_ratio: float) -> int:
     """Entries kept from a prompt of ``prompt_length`` real tokens: ``int(L * (1 - r))``, at least 1.
 
-    Evaluated literally with Python floats, so ``n_keep_for(90, 0.8) == 17``.
+    Evaluated literally with Python floats: ``1 - 0.8`` is ``0.19999999999999996``, so a ratio
+    of 0.8 keeps one entry less than a decimal reading suggests when ``L * 0.2`` is whole.
 
-    >>> n_keep_for(100, 0.8)
-    20
+    Examples:
+        >>> n_keep_for(100, 0.8)
+        19
+        >>> n_keep_for(90, 0.8)
+        17
+        >>> n_keep_for(100, 0.5)
+        50
+        >>> n_keep_for(3, 0.9)
+        1
+
     """
     if prompt_length <= 0:
         return 0

@@ -72,13 +72,23 @@ class Compressor(BaseModel):
     def from_name(cls, name: str, **config: Any) -> Compressor:
         """Build the registered strategy ``name`` with ``config``.
 
+        ``name`` is any name :func:`~kvpress_mm.list_strategies` returns, built-in or from a
+        plugin; ``config`` holds the strategy's fields (every strategy has
+        ``compression_ratio``). Omitted fields take their defaults.
+
         Raises:
             UnknownStrategyError: ``name`` is not registered; the message lists the available
                 names and suggests close matches.
             pydantic.ValidationError: a config value is invalid; the message names the field.
 
-        >>> Compressor.from_name("snapkv", compression_ratio=0.8, window_size=16)
-        SnapKV(compression_ratio=0.8, window_size=16, kernel_size=7, pooling='max')
+        Examples:
+            >>> Compressor.from_name("snapkv", compression_ratio=0.8, window_size=16)
+            SnapKV(compression_ratio=0.8, window_size=16, kernel_size=7, pooling='max')
+            >>> Compressor.from_name("h2o", compression_ratio=0.8)
+            H2O(compression_ratio=0.8, window_size=None, decode_eviction=True)
+            >>> Compressor.from_name("snapKV2")
+            Traceback (most recent call last):
+            kvpress_mm.errors.UnknownStrategyError: unknown strategy 'snapKV2'. Did you mean 'snapkv'? ...
 
         """
         from kvpress_mm.registry import get_strategy
@@ -86,12 +96,25 @@ class Compressor(BaseModel):
         return get_strategy(name)(**config)
 
     def to_config(self) -> dict[str, Any]:
-        """A JSON-serialisable dict with the strategy name and its config."""
+        """A JSON-serialisable dict with the strategy name and its config.
+
+        Examples:
+            >>> Compressor.from_name("h2o", compression_ratio=0.8).to_config()
+            {'strategy': 'h2o', 'compression_ratio': 0.8, 'window_size': None, 'decode_eviction': True}
+
+        """
         return {"strategy": self.name, **self.model_dump(mode="json")}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Compressor:
-        """Inverse of :meth:`to_config`."""
+        """Inverse of :meth:`to_config`: the strategy named by the ``"strategy"`` key, with the rest as config.
+
+        Examples:
+            >>> compressor = Compressor.from_name("snapkv", compression_ratio=0.8)
+            >>> Compressor.from_config(compressor.to_config()) == compressor
+            True
+
+        """
         config = dict(config)
         name = config.pop("strategy", None)
         if not isinstance(name, str):
@@ -99,7 +122,30 @@ class Compressor(BaseModel):
         return cls.from_name(name, **config)
 
     def __call__(self, model: torch.nn.Module) -> CompressionSession:
-        """A context manager that compresses ``model``'s KV cache while it is active."""
+        """A context manager that compresses ``model``'s KV cache while it is active.
+
+        Entering it finds the model's adapter (an error names the supported families if none
+        claims the model) and installs the hooks; leaving it, also on an exception, removes them
+        and leaves the model exactly as it was. Every ``generate`` or forward call made inside
+        compresses its prompt's cache right after the prefill, layer by layer.
+
+        Args:
+            model: a transformers model (text-only decoder LM or a supported vision-language
+                model) using ``sdpa`` or ``eager`` attention.
+
+        Returns:
+            A :class:`~kvpress_mm.CompressionSession`; its ``report`` describes the last
+                prefill's compression.
+
+        Examples:
+            ```python
+            compressor = Compressor.from_name("snapkv", compression_ratio=0.8)
+            with compressor(model) as session:
+                out = model.generate(**inputs, max_new_tokens=64)
+            print(session.report.kv_bytes_before, session.report.kv_bytes_after)
+            ```
+
+        """
         from kvpress_mm.session import CompressionSession
 
         return CompressionSession(self, model)
@@ -110,22 +156,58 @@ class ScoredCompressor(Compressor):
 
     Budgets, the protected window, padding, batches, cache surgery and decoding are handled
     by the framework: each row keeps its ``protected_window`` most recent entries plus the
-    highest-scoring others, up to its budget.
+    highest-scoring others, up to its budget ``int(L * (1 - compression_ratio))``. Selection
+    is per KV head: each head keeps its own top entries. Config fields are pydantic fields.
 
-    ```python
-    class KeyNorm(ScoredCompressor):
-        \"\"\"Keep the entries whose keys have the smallest norm.\"\"\"
-        def score(self, layer):
-            return -layer.keys.float().norm(dim=-1)
-    ```
+    Examples:
+        A complete strategy with a protected window, registered from a plugin module:
+
+        ```python
+        import torch
+        from pydantic import Field
+
+        from kvpress_mm import LayerView, ScoredCompressor, hookimpl
+
+
+        class KeyNorm(ScoredCompressor):
+            \"\"\"Keep the entries whose keys have the smallest L2 norm.\"\"\"
+
+            window_size: int = Field(default=0, ge=0, description="Recent entries always kept.")
+
+            def protected_window(self, n_keep: int) -> int:
+                return self.window_size
+
+            def score(self, layer: LayerView) -> torch.Tensor:
+                return -layer.keys.float().norm(dim=-1)  # [batch, kv_heads, seq]
+
+
+        @hookimpl
+        def kvpress_mm_register_strategies(register):
+            register("keynorm", KeyNorm)
+        ```
+
     """
 
     @abstractmethod
     def score(self, layer: LayerView) -> torch.Tensor:
-        """``[batch, kv_heads, seq]`` float scores, higher = keep. Padding positions are ignored."""
+        """``[batch, kv_heads, seq]`` float scores, higher = keep. Padding positions are ignored.
+
+        Args:
+            layer: the layer right after its prefill attention: ``layer.keys`` /
+                ``layer.values`` ``[batch, kv_heads, seq, head_dim]``, ``layer.modality``
+                ``[batch, seq]``, budgets, and lazily computed attention statistics.
+
+        Returns:
+            One score per entry and KV head, compared within a row and KV head only, in
+                float32 (return float32 or wider: bf16 scores collapse into ties).
+
+        """
 
     def protected_window(self, n_keep: int) -> int:
-        """Most recent entries always kept for a row with budget ``n_keep`` (default none)."""
+        """Most recent entries always kept for a row with budget ``n_keep`` (default none).
+
+        Override it to protect a window; a value larger than ``n_keep`` is clamped to it.
+        """
         return 0
 
     def plan(self, layer: LayerView) -> CompressionPlan:

@@ -22,8 +22,31 @@ class LayerView:
         modality: ``[batch, seq]`` int8 :class:`~kvpress_mm.Modality` codes.
         n_keep: entries each row keeps (its own budget; rows differ when padded).
         prompt_lengths: real (non-padding) prompt length of each row.
+        key_valid: ``[batch, seq]`` bool, False for padding positions.
         state: a dict that lives with this layer's cache for the rest of the generation;
             strategies that act while decoding (``h2o``) keep their statistics here.
+
+    In a left-padded batch, ``seq`` is the padded length and each row's real entries are its
+    last ``prompt_lengths[b]`` positions. Attention statistics are computed on first use and
+    cached on the view, in float32, in query chunks (never a ``[heads, seq, seq]`` matrix).
+
+    Examples:
+        A score that prefers text entries, then recent ones (inside
+        :meth:`ScoredCompressor.score <kvpress_mm.ScoredCompressor.score>`):
+
+        ```python
+        from kvpress_mm import Modality
+
+        def score(self, layer):
+            recency = torch.arange(layer.seq_len, device=layer.keys.device).float()  # [seq]
+            is_text = (layer.modality == Modality.TEXT).float()  # [batch, seq]
+            scores = is_text * layer.seq_len + recency  # [batch, seq]
+            return scores[:, None, :].expand(-1, layer.kv_heads, -1)  # [batch, kv_heads, seq]
+        ```
+
+        Attention-based scores come from the view's statistics:
+        ``layer.accumulated_attention()`` (H2O's column sums, ``[batch, kv_heads, seq]``) or
+        ``layer.window_attention_per_head(32)`` (SnapKV's observation window, per query head).
 
     """
 

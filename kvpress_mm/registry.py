@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from kvpress_mm.compressor import Compressor
 
 ENTRY_POINT_GROUP = "kvpress_mm"
+"""Entry-point group where distributions advertise plugin modules (``[project.entry-points.kvpress_mm]``)."""
+
 DISABLE_AUTOLOAD_ENV = "KVPRESS_MM_DISABLE_PLUGIN_AUTOLOAD"
+"""Environment variable: ``1`` / ``true`` / ``yes`` loads the built-ins only, no installed plugin."""
 
 BUILTIN_PLUGINS = (
     "kvpress_mm.strategies.full",
@@ -48,6 +51,7 @@ BUILTIN_PLUGINS = (
     "kvpress_mm.adapters.internvl",
     "kvpress_mm.adapters.generic",
 )
+"""Modules registered as plugins before any installed one: kvpress-mm's own strategies and adapters."""
 
 
 class PluginWarning(UserWarning):
@@ -198,8 +202,20 @@ def reset_registry() -> None:
 def list_strategies() -> list[str]:
     """The names of every registered strategy, built-in and plugin, sorted.
 
-    >>> "lookm-pivotal" in list_strategies()
-    True
+    The first call loads the registry: the built-in strategies, then every plugin module
+    advertised in the entry-point group ``kvpress_mm`` (unless
+    ``KVPRESS_MM_DISABLE_PLUGIN_AUTOLOAD=1``). Each name builds a strategy with
+    :meth:`Compressor.from_name <kvpress_mm.Compressor.from_name>`.
+
+    Examples:
+        >>> "lookm-pivotal" in list_strategies()
+        True
+        >>> [name for name in list_strategies() if name.startswith("lookm-")]
+        ['lookm-average', 'lookm-evict', 'lookm-pivotal', 'lookm-weighted']
+
+        An installed plugin's names join the built-ins: after
+        ``pip install -e examples/kvpress-mm-keynorm``, ``"keynorm" in list_strategies()``.
+
     """
     return sorted(get_registry().strategies)
 

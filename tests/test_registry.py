@@ -8,12 +8,14 @@ folder on ``sys.path`` and lets ``importlib.metadata`` discover it; nothing is r
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import re
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pluggy
 import pytest
@@ -50,6 +52,30 @@ BUILTINS = {
 
 # every module the plugin fixtures define; dropped from sys.modules after each test
 PLUGIN_MODULES = {path.stem for path in PLUGINS.glob("*/*.py")}
+
+
+@pytest.fixture(autouse=True)
+def only_fixture_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entry-point discovery sees the ``tests/plugins`` distributions a test installs, nothing else.
+
+    Plugins really installed in the environment (CI installs ``examples/kvpress-mm-keynorm``,
+    which also registers ``keynorm``) would otherwise join every list these tests compare and
+    clash with the ``good`` fixture. Discovery itself is unchanged: only the environment's own
+    distributions are filtered out of ``importlib.metadata.entry_points``.
+    """
+    real_entry_points = importlib.metadata.entry_points
+
+    def from_fixtures(entry_point: importlib.metadata.EntryPoint) -> bool:
+        dist = entry_point.dist
+        return dist is not None and Path(str(dist.locate_file(""))).resolve().is_relative_to(PLUGINS.resolve())
+
+    def entry_points(**params: Any) -> importlib.metadata.EntryPoints:
+        found = real_entry_points(**params)
+        if params.get("group") != ENTRY_POINT_GROUP:
+            return found
+        return importlib.metadata.EntryPoints(ep for ep in found if from_fixtures(ep))
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
 
 
 @pytest.fixture(autouse=True)
