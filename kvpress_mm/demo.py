@@ -1,20 +1,22 @@
-"""The embedded demo behind ``kvpress-mm demo``: a tiny seeded random Llama and a strategy run on it.
+"""The demo behind ``kvpress-mm demo``: one multimodal prompt, several strategies, one table.
 
-Nothing is downloaded: the model is a ``LlamaForCausalLM`` built from a config in code, with
-random weights drawn from a fixed seed. Random weights give nearly uniform attention, so the
-builder multiplies the ``q_proj`` and ``k_proj`` weights by ``attention_sharpness`` (attention
-logits grow by its square) to give attention some structure to select on.
+The model is the default one of :func:`kvpress_mm.models.default_model` (today the embedded
+random-weight tiny LLaVA of :mod:`kvpress_mm.embedded_model`; nothing is downloaded). The
+prompt is a gallery of synthetic pictures, each introduced by a sentence, then a question
+(:func:`kvpress_mm.prompts.gallery_prompt`); it goes through the model's own processor, so the
+images become ``pixel_values`` and image placeholder tokens as with any LLaVA.
 
-The numbers a demo run gives are mechanics on a random model - how much KV memory each strategy
-releases, how long a decode step takes, how often the greedy continuation stays the same as
-with the full cache - not answer quality, which needs a trained model and a benchmark.
+For each strategy the demo generates greedily twice under compression: free-running (timed;
+its tokens are compared with the full cache's) and teacher-forced along the full cache's
+continuation (its next-token distributions are compared with the full cache's: top-1
+agreement and KL divergence, see :mod:`kvpress_mm.bench.metrics`).
 
 ```python
 from kvpress_mm.demo import run_demo
 
 result = run_demo(["full", "snapkv", "lookm-pivotal"], compression_ratio=0.8)
 for row in result.rows:
-    print(row.strategy, row.kv_bytes_after, row.agreement)
+    print(row.strategy, row.kv_bytes_after, row.kl)
 ```
 """
 
@@ -25,10 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
-from kvpress_mm.cache_surgery import kv_bytes
+from kvpress_mm.bench.metrics import fidelity
 from kvpress_mm.compressor import Compressor
+from kvpress_mm.generation import generate
+from kvpress_mm.models import LoadedModel, default_model, encode, image_token_count
+from kvpress_mm.prompts import gallery_prompt
+from kvpress_mm.tables import kib, render_table, wrap
 
 #: The strategies ``kvpress-mm demo`` runs when none are named (``full`` is the reference).
 DEFAULT_STRATEGIES = (
@@ -47,91 +51,31 @@ DEFAULT_STRATEGIES = (
 REFERENCE = "full"
 
 RANDOM_MODEL_NOTE = (
-    "This is a tiny RANDOM-WEIGHT model (built in code, nothing downloaded): the table shows KV memory, "
-    "decode speed and agreement with the full cache on a random model, NOT answer quality."
+    "The model is a tiny RANDOM-WEIGHT LLaVA built in code (nothing downloaded). Its attention was given "
+    "structure on purpose (q/k weights scaled up, the first token made an attention sink), so strategies differ "
+    "in what they keep. The table shows the KV memory each strategy releases, the time of a decode step, and how "
+    "far each strategy moves the model's next-token distributions from the full cache's. It does NOT show answer "
+    "quality: the weights know nothing about the pictures, and a trained model can rank the strategies differently."
 )
 
+TRAINED_MODEL_NOTE = (
+    "The table shows the KV memory each strategy releases, the time of a decode step, and how far each strategy "
+    "moves the model's next-token distributions from the full cache's on one prompt: fidelity to the full cache, "
+    "not accuracy on a benchmark (see `kvpress-mm eval milebench`)."
+)
 
-@dataclass(frozen=True)
-class DemoModelConfig:
-    """Shape and seed of the demo model (a ``LlamaForCausalLM`` with grouped-query attention).
+SHORT_NOTE = "random-weight model: memory, speed and fidelity to the full cache, NOT answer quality"
 
-    Attributes:
-        num_layers: decoder layers.
-        hidden_size: model width; ``head_dim = hidden_size // num_heads``.
-        num_heads: query heads per layer.
-        num_kv_heads: KV heads per layer (grouped-query attention when fewer than ``num_heads``).
-        vocab_size: vocabulary size; ids 0-2 are pad / bos / eos and never appear in prompts.
-        attention_sharpness: factor on the ``q_proj`` and ``k_proj`` weights, so attention
-            logits are ``attention_sharpness ** 2`` times larger than at initialisation.
-        seed: seed of the weights and of the prompt.
-
-    """
-
-    num_layers: int = 4
-    hidden_size: int = 256
-    num_heads: int = 8
-    num_kv_heads: int = 2
-    vocab_size: int = 1024
-    attention_sharpness: float = 4.0
-    seed: int = 0
-
-    def describe(self) -> str:
-        """A one-line description of the model."""
-        return (
-            f"random-weight LlamaForCausalLM, {self.num_layers} layers, hidden {self.hidden_size}, "
-            f"{self.num_heads} heads / {self.num_kv_heads} KV heads, vocab {self.vocab_size}, "
-            f"q/k weights x{self.attention_sharpness:g}, seed {self.seed}"
-        )
-
-
-def build_demo_model(config: DemoModelConfig | None = None) -> torch.nn.Module:
-    """A seeded random ``LlamaForCausalLM`` in float32 and eval mode, ready for greedy ``generate``.
-
-    End-of-sequence is disabled in its generation config, so a generation always runs for
-    ``max_new_tokens`` steps.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = config or DemoModelConfig()
-    if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads:
-        raise ValueError(
-            f"hidden_size ({config.hidden_size}) must be a multiple of num_heads ({config.num_heads}), "
-            f"and num_heads a multiple of num_kv_heads ({config.num_kv_heads})"
-        )
-    llama_config = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=2 * config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=8192,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = LlamaForCausalLM(llama_config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(config.attention_sharpness)
-            layer.self_attn.k_proj.weight.mul_(config.attention_sharpness)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = llama_config.pad_token_id
-    model.generation_config.do_sample = False
-    return model
-
-
-def demo_prompt(length: int, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch of one prompt of ``length`` seeded random tokens: ``input_ids`` and ``attention_mask``."""
-    if length < 1:
-        raise ValueError(f"the prompt needs at least 1 token, got prompt_length={length}")
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab_size, (1, length), generator=generator)
-    input_ids[0, 0] = 1  # bos
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+LEGEND = (
+    "KV before/after: the prompt's cache before and after compression. KV at end: after generation (h2o keeps "
+    "evicting while decoding, so it stays at its budget). top-1: teacher-forced along the full cache's "
+    "continuation, the fraction of decode steps whose most likely next token is the full cache's. KL: the mean "
+    "KL(p_full || p_strategy) of the next-token distributions over those steps, in nats (0 = identical). greedy: "
+    "the fraction of the strategy's own greedy tokens equal to the full cache's, position by position (a "
+    "continuation drifts once it differs). The first token comes from the prefill, before compression, so it is "
+    "the same everywhere and not counted. A model this small spends a decode step mostly on fixed overhead, so "
+    "a smaller cache barely changes its time here."
+)
 
 
 @dataclass
@@ -142,15 +86,15 @@ class DemoRow:
         strategy: registered name.
         config: the strategy's full config (``Compressor.to_config()``).
         kv_bytes_before: KV-cache bytes of the prompt before compression.
-        kv_bytes_after: KV-cache bytes of the prompt after compression
-            (``session.report.kv_bytes_after``; equal to ``kv_bytes_before`` for ``full``).
-        kv_bytes_end: KV-cache bytes when generation ends (prompt plus generated tokens;
-            ``h2o`` with decode eviction stays at its budget).
+        kv_bytes_after: KV-cache bytes of the prompt after compression.
+        kv_bytes_end: KV-cache bytes when generation ends.
         decode_ms_per_token: wall time of a decode step, averaged over the steps after the first token.
-        agreement: fraction of generated tokens identical, position by position, to the
-            ``full`` run's tokens.
-        matching_prefix: generated tokens identical to the ``full`` run's before the first difference.
-        tokens: the generated token ids.
+        top1_agreement: teacher-forced top-1 agreement with the full cache (decode steps).
+        kl: teacher-forced mean KL divergence from the full cache, nats (decode steps).
+        greedy_agreement: free-running tokens equal to the full cache's, position by position (decode steps).
+        matching_prefix: free-running tokens identical to the full cache's before the first difference.
+        text: the decoded free-running continuation.
+        tokens: its token ids.
 
     """
 
@@ -160,8 +104,11 @@ class DemoRow:
     kv_bytes_after: int
     kv_bytes_end: int
     decode_ms_per_token: float
-    agreement: float
+    top1_agreement: float
+    kl: float
+    greedy_agreement: float
     matching_prefix: int
+    text: str
     tokens: list[int] = field(repr=False)
 
     @property
@@ -175,11 +122,15 @@ class DemoResult:
     """A whole demo run: the setting and one :class:`DemoRow` per strategy (``full`` first)."""
 
     model: str
-    prompt_length: int
+    random_weights: bool
+    n_images: int
+    prompt_tokens: int
+    image_tokens: int
     new_tokens: int
     compression_ratio: float
     rows: list[DemoRow]
-    note: str = RANDOM_MODEL_NOTE
+    seconds: float
+    note: str
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (with ``kept_fraction`` added to each row)."""
@@ -189,118 +140,152 @@ class DemoResult:
         return data
 
 
-class _StepClock:
-    """A stopping criterion that never stops: it records when each token was produced."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    def ms_per_decode_step(self) -> float:
-        """Mean time between consecutive tokens (the first token comes from the prefill)."""
-        if len(self.times) < 2:
-            return float("nan")
-        return 1000 * (self.times[-1] - self.times[0]) / (len(self.times) - 1)
-
-
-def _cache_bytes(output: Any) -> int:
-    """KV bytes of the cache a model or generate output carries (``cache``, ``past_key_values`` before 5.24)."""
-    cache = getattr(output, "cache", None)
-    if cache is None:
-        cache = output["past_key_values"]
-    return sum(kv_bytes(layer) for layer in cache.layers)
-
-
-def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int) -> tuple[list[int], int, float]:
-    """Greedy generation: (new token ids, cache bytes at the end, decode ms per token)."""
-    from transformers import StoppingCriteriaList
-
-    clock = _StepClock()
-    with torch.no_grad():
-        out = model.generate(  # type: ignore[operator]
-            **inputs,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            stopping_criteria=StoppingCriteriaList([clock]),
-            return_dict_in_generate=True,
-        )
-    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    return tokens, _cache_bytes(out), clock.ms_per_decode_step()
-
-
 def run_demo(
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     compression_ratio: float = 0.8,
-    prompt_length: int = 512,
+    n_images: int = 8,
     new_tokens: int = 32,
-    model_config: DemoModelConfig | None = None,
+    seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> DemoResult:
-    """Generate greedily on the demo model under each strategy and compare with the full cache.
+    """Generate on the default model under each strategy and compare with the full cache.
 
-    ``full`` is always run first, as the reference (added if ``strategies`` omits it).
-    Every strategy is built with ``Compressor.from_name(name, compression_ratio=...)`` before
+    ``full`` is always run first, as the reference (added if ``strategies`` omits it). Every
+    strategy is built with ``Compressor.from_name(name, compression_ratio=...)`` before
     anything runs, so a bad name or ratio fails fast.
 
     Args:
         strategies: registered strategy names.
         compression_ratio: fraction of the prompt's cache entries removed, ``0 <= r < 1``.
-        prompt_length: tokens in the prompt.
-        new_tokens: tokens generated per strategy (at least 1).
-        model_config: the demo model (default :class:`DemoModelConfig`).
+        n_images: pictures in the gallery prompt.
+        new_tokens: tokens generated per strategy (at least 2: the first comes from the prefill).
+        seed: seed of the model weights and of the prompt.
         progress: called with a short message before each strategy runs.
+        loaded: the model to use instead of :func:`~kvpress_mm.models.default_model`.
 
     Raises:
         kvpress_mm.errors.UnknownStrategyError: a name is not registered.
         pydantic.ValidationError: ``compression_ratio`` is out of range.
-        ValueError: ``prompt_length`` or ``new_tokens`` is below 1.
+        ValueError: ``new_tokens`` is below 2 or ``n_images`` below 1.
 
     """
-    if new_tokens < 1:
-        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
+    started = time.perf_counter()
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be at least 2 (the first token comes from the prefill), got {new_tokens}")
     names = [REFERENCE, *dict.fromkeys(n for n in strategies if n != REFERENCE)]
     compressors = {name: Compressor.from_name(name, compression_ratio=compression_ratio) for name in names}
-    model_config = model_config or DemoModelConfig()
-    inputs = demo_prompt(prompt_length, model_config.vocab_size, model_config.seed)
-    model = build_demo_model(model_config)
-    with torch.no_grad():
-        # prompt cache size, measured; this also warms up lazy imports and kernels before timing
-        prompt_bytes = _cache_bytes(model(**inputs, use_cache=True))
-    _generate(model, inputs, min(new_tokens, 2))
+    prompt = gallery_prompt(n_images=n_images, seed=seed)
+    if progress is not None:
+        progress("building the model ...")
+    loaded = loaded or default_model(seed=seed)
+    inputs = encode(loaded, prompt)
+    generate(loaded.model, inputs, 2)  # warms up lazy imports and kernels before anything is timed
+
+    def decode(tokens: list[int]) -> str:
+        return str(loaded.tokenizer.decode(tokens, skip_special_tokens=True))
 
     rows: list[DemoRow] = []
-    reference: list[int] = []
+    reference = None
     for name, compressor in compressors.items():
         if progress is not None:
             progress(f"running {name} ...")
-        with compressor(model) as session:
-            tokens, end_bytes, ms = _generate(model, inputs, new_tokens)
-        report = session.report
-        compressed = report.layers_compressed > 0
+        free = generate(loaded.model, inputs, new_tokens, compressor, keep_logits=name == REFERENCE)
+        if reference is None:
+            reference = free
+        assert reference.logits is not None
         if name == REFERENCE:
-            reference = tokens
-        same = [a == b for a, b in zip(tokens, reference)]
-        prefix = same.index(False) if False in same else len(same)
+            forced_logits = reference.logits
+        else:
+            forced = generate(
+                loaded.model, inputs, new_tokens, compressor, forced_tokens=reference.tokens, keep_logits=True
+            )
+            assert forced.logits is not None
+            forced_logits = forced.logits
+        scores = fidelity(reference.tokens, reference.logits, forced_logits, free.tokens)
         rows.append(
             DemoRow(
                 strategy=name,
                 config=compressor.to_config(),
-                kv_bytes_before=report.kv_bytes_before if compressed else prompt_bytes,
-                kv_bytes_after=report.kv_bytes_after if compressed else prompt_bytes,
-                kv_bytes_end=end_bytes,
-                decode_ms_per_token=ms,
-                agreement=sum(same) / len(same),
-                matching_prefix=prefix,
-                tokens=tokens,
+                kv_bytes_before=free.kv_bytes_before,
+                kv_bytes_after=free.kv_bytes_after,
+                kv_bytes_end=free.kv_bytes_end,
+                decode_ms_per_token=free.decode_ms_per_token,
+                top1_agreement=scores.top1_agreement,
+                kl=scores.kl,
+                greedy_agreement=scores.greedy_agreement,
+                matching_prefix=scores.matching_prefix,
+                text=decode(free.tokens),
+                tokens=free.tokens,
             )
         )
+    assert reference is not None
     return DemoResult(
-        model=model_config.describe(),
-        prompt_length=prompt_length,
+        model=loaded.description,
+        random_weights=loaded.random_weights,
+        n_images=n_images,
+        prompt_tokens=reference.prompt_length,
+        image_tokens=image_token_count(loaded, inputs),
         new_tokens=new_tokens,
         compression_ratio=compression_ratio,
         rows=rows,
+        seconds=time.perf_counter() - started,
+        note=RANDOM_MODEL_NOTE if loaded.random_weights else TRAINED_MODEL_NOTE,
+    )
+
+
+TABLE_HEADERS = (
+    "strategy",
+    "KV before KiB",
+    "KV after KiB",
+    "kept",
+    "KV at end KiB",
+    "decode ms/tok",
+    "top-1",
+    "KL",
+    "greedy",
+)
+
+
+def table(result: DemoResult) -> str:
+    """The result table."""
+    rows = [
+        [
+            row.strategy,
+            kib(row.kv_bytes_before),
+            kib(row.kv_bytes_after),
+            f"{row.kept_fraction:.0%}",
+            kib(row.kv_bytes_end),
+            f"{row.decode_ms_per_token:.2f}",
+            f"{row.top1_agreement:.0%}",
+            f"{row.kl:.3f}",
+            f"{row.greedy_agreement:.0%}",
+        ]
+        for row in result.rows
+    ]
+    return render_table(TABLE_HEADERS, rows)
+
+
+def render(result: DemoResult, quiet: bool = False) -> str:
+    """The demo's screen output: the note, the setting, the table, the legend (``quiet``: table and caveat)."""
+    if quiet:
+        caveat = SHORT_NOTE if result.random_weights else "fidelity to the full cache, not benchmark accuracy"
+        return f"{table(result)}\n({caveat})"
+    n_text = result.prompt_tokens - result.image_tokens
+    setting = (
+        f"prompt: {result.n_images} pictures ({result.image_tokens} image tokens) and {n_text} text tokens = "
+        f"{result.prompt_tokens} tokens; greedy generation of {result.new_tokens} tokens; compression ratio "
+        f"{result.compression_ratio:g} (each layer keeps int(L * (1 - r)) of its L prompt entries per KV head)"
+    )
+    return "\n".join(
+        [
+            wrap(f"NOTE: {result.note}"),
+            wrap(f"model: {result.model}"),
+            wrap(setting),
+            "",
+            table(result),
+            "",
+            wrap(LEGEND),
+            f"({len(result.rows)} strategies in {result.seconds:.1f} s)",
+        ]
     )

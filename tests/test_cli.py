@@ -14,9 +14,9 @@ import torch
 
 from kvpress_mm import list_strategies
 from kvpress_mm.cli import main
-from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV
+from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV, strategy_infos
 
-TINY_DEMO = ["demo", "--prompt-length", "40", "--new-tokens", "3"]
+TINY_DEMO = ["demo", "--images", "2", "--new-tokens", "3"]
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +43,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 def test_strategies_lists_every_strategy_with_origin_description_and_defaults(capsys):
     code, out, _ = run_cli(capsys, "strategies")
     assert code == 0
-    for name in list_strategies():
+    # plugins installed in the environment (CI installs examples/kvpress-mm-keynorm) are listed too
+    infos = strategy_infos()
+    assert [info.name for info in infos] == list_strategies()
+    for info in infos:
+        assert f"{info.name}  [{info.origin}]" in out
+    builtin = [info.name for info in infos if info.builtin]
+    assert len(builtin) == 9
+    for name in builtin:
         assert f"{name}  [built-in (kvpress_mm.strategies." in out
+    assert f"({len(builtin)} built-in, {len(infos) - len(builtin)} from plugins)" in out
     assert "Keeps the observation window plus the prefix entries its queries attend to most." in out
     assert "window_size: int = 32" in out  # snapkv
     assert "sink_tokens: int = 4" in out  # streaming
@@ -73,8 +81,12 @@ def test_strategies_json_is_machine_readable(capsys):
 
 
 def test_strategies_shows_an_installed_plugin(tmp_path: Path):
-    """A third-party distribution advertised through the entry-point group appears with its origin."""
-    (tmp_path / "kvpress_keynorm.py").write_text(
+    """A third-party distribution advertised through the entry-point group appears with its origin.
+
+    Its names are its own (``smallnorm``, not ``keynorm``): the subprocess also discovers the plugins
+    installed in the environment, and CI installs examples/kvpress-mm-keynorm, which registers ``keynorm``.
+    """
+    (tmp_path / "kvpress_smallnorm.py").write_text(
         textwrap.dedent(
             '''
             import torch
@@ -87,14 +99,14 @@ def test_strategies_shows_an_installed_plugin(tmp_path: Path):
 
             @hookimpl
             def kvpress_mm_register_strategies(register):
-                register("keynorm", KeyNorm)
+                register("smallnorm", KeyNorm)
             '''
         )
     )
-    dist_info = tmp_path / "kvpress_keynorm-0.1.dist-info"
+    dist_info = tmp_path / "kvpress_smallnorm-0.1.dist-info"
     dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvpress-keynorm\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text("[kvpress_mm]\nkeynorm = kvpress_keynorm\n")
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvpress-smallnorm\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[kvpress_mm]\nsmallnorm = kvpress_smallnorm\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     env.pop(DISABLE_AUTOLOAD_ENV, None)
     result = subprocess.run(
@@ -107,28 +119,33 @@ def test_strategies_shows_an_installed_plugin(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     records = {r["name"]: r for r in json.loads(result.stdout)}
-    keynorm = records["keynorm"]
-    assert keynorm["builtin"] is False
-    assert "plugin 'keynorm'" in keynorm["origin"] and "kvpress-keynorm 0.1" in keynorm["origin"]
-    assert keynorm["description"] == "Keep the entries whose keys have the smallest norm."
-    assert set(keynorm["config"]) == {"compression_ratio"}
+    plugin = records["smallnorm"]
+    assert plugin["builtin"] is False
+    assert "plugin 'smallnorm'" in plugin["origin"] and "kvpress-smallnorm 0.1" in plugin["origin"]
+    assert plugin["description"] == "Keep the entries whose keys have the smallest norm."
+    assert set(plugin["config"]) == {"compression_ratio"}
 
 
 # -- demo --------------------------------------------------------------------------------
+
+# the embedded model: 4 layers x (keys + values) x 2 KV heads x head_dim 32 x 4 bytes (float32) per entry
+BYTES_PER_ENTRY = 4 * 2 * 2 * 32 * 4
 
 
 def test_demo_prints_the_table_and_says_the_model_is_random(capsys):
     code, out, err = run_cli(capsys, *TINY_DEMO, "--strategies", "snapkv,lookm-pivotal")
     assert code == 0, err
-    assert "RANDOM-WEIGHT" in out and "NOT answer quality" in out
+    text = " ".join(out.split())  # paragraphs are wrapped
+    assert "RANDOM-WEIGHT" in text and "does NOT show answer quality" in text
+    assert "prompt: 2 pictures (32 image tokens)" in text  # 56 px / patch 14 = 16 tokens per picture
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("strategy "))
-    assert "KV before KiB" in lines[header] and "decode ms/tok" in lines[header] and "agreement" in lines[header]
+    for column in ("KV before KiB", "KV after KiB", "decode ms/tok", "top-1", "KL", "greedy"):
+        assert column in lines[header]
     rows = [line.split() for line in lines[header + 2 : header + 5]]
     assert [r[0] for r in rows] == ["full", "snapkv", "lookm-pivotal"]  # full first, as the reference
-    assert rows[0][3] == "100%" and rows[0][-2] == "100%" and rows[0][-1] == "3/3"
-    # L = 40 at ratio 0.8 keeps int(40 * (1 - 0.8)) = 7 entries (1 - 0.8 = 0.19999... in floats): 17.5%
-    assert rows[1][3] == "18%" and rows[2][3] == "18%"
+    assert rows[0][3] == "100%" and rows[0][-3:] == ["100%", "0.000", "100%"]
+    assert rows[1][3] in ("19%", "20%") and rows[2][3] in ("19%", "20%")  # int(L * 0.2) of L entries
     assert "running snapkv" in err  # progress on stderr, not in the table
 
 
@@ -137,35 +154,36 @@ def test_demo_quiet_prints_only_the_table_and_a_caveat(capsys):
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].startswith("strategy ") and len(lines) == 5
-    assert "random-weight model" in lines[-1]
+    assert "random-weight model" in lines[-1] and "NOT answer quality" in lines[-1]
     assert err == ""
 
 
-def test_demo_json_reports_memory_speed_and_agreement(capsys):
+def test_demo_json_reports_memory_speed_and_fidelity(capsys):
     code, out, _ = run_cli(capsys, *TINY_DEMO, "--strategies", "h2o,snapkv", "--ratio", "0.5", "--json")
     assert code == 0
     result = json.loads(out)
-    assert "random" in result["note"].lower()
-    assert (result["prompt_length"], result["new_tokens"], result["compression_ratio"]) == (40, 3, 0.5)
+    assert result["random_weights"] is True and "RANDOM-WEIGHT" in result["note"]
+    assert (result["n_images"], result["image_tokens"], result["new_tokens"]) == (2, 32, 3)
+    assert result["compression_ratio"] == 0.5
+    length = result["prompt_tokens"]
     rows = {row["strategy"]: row for row in result["rows"]}
     assert list(rows) == ["full", "h2o", "snapkv"]
-    # 4 layers x (keys + values) x 2 KV heads x 40 entries x head_dim 32 x 4 bytes (float32)
-    prompt_bytes = 4 * 2 * 2 * 40 * 32 * 4
+    prompt_bytes = BYTES_PER_ENTRY * length
     assert all(row["kv_bytes_before"] == prompt_bytes for row in rows.values())
-    assert rows["full"]["kv_bytes_after"] == prompt_bytes
-    assert rows["full"]["agreement"] == 1.0 and rows["full"]["matching_prefix"] == 3
+    full = rows["full"]
+    assert full["kv_bytes_after"] == prompt_bytes
+    assert (full["top1_agreement"], full["kl"], full["greedy_agreement"], full["matching_prefix"]) == (1, 0, 1, 3)
     for name in ("h2o", "snapkv"):
-        assert rows[name]["kv_bytes_after"] == prompt_bytes // 2  # int(40 * 0.5) = 20 entries
-        assert rows[name]["kept_fraction"] == 0.5
-        assert rows[name]["config"]["strategy"] == name
-        assert rows[name]["config"]["compression_ratio"] == 0.5
-        assert 0.0 <= rows[name]["agreement"] <= 1.0 and len(rows[name]["tokens"]) == 3
-        assert rows[name]["tokens"][0] == rows["full"]["tokens"][0]  # the first token comes from the full prefill
-        assert rows[name]["decode_ms_per_token"] > 0
+        row = rows[name]
+        assert row["kv_bytes_after"] == BYTES_PER_ENTRY * (length // 2)
+        assert row["config"] == {**row["config"], "strategy": name, "compression_ratio": 0.5}
+        assert 0.0 <= row["top1_agreement"] <= 1.0 and 0.0 <= row["greedy_agreement"] <= 1.0
+        assert row["kl"] >= 0.0 and len(row["tokens"]) == 3
+        assert row["tokens"][0] == full["tokens"][0]  # the first token comes from the full prefill
+        assert row["decode_ms_per_token"] > 0
     # two decode steps add 2 entries per layer, except under h2o, which evicts back to its budget
-    per_entry = prompt_bytes // 40
-    assert rows["snapkv"]["kv_bytes_end"] == prompt_bytes // 2 + 2 * per_entry
-    assert rows["h2o"]["kv_bytes_end"] == prompt_bytes // 2
+    assert rows["snapkv"]["kv_bytes_end"] == BYTES_PER_ENTRY * (length // 2 + 2)
+    assert rows["h2o"]["kv_bytes_end"] == BYTES_PER_ENTRY * (length // 2)
 
 
 def test_demo_at_ratio_zero_changes_nothing(capsys):
@@ -173,7 +191,7 @@ def test_demo_at_ratio_zero_changes_nothing(capsys):
     assert code == 0
     for row in json.loads(out)["rows"]:
         assert row["kv_bytes_after"] == row["kv_bytes_before"]
-        assert row["agreement"] == 1.0
+        assert row["kl"] == 0.0 and row["top1_agreement"] == 1.0 and row["greedy_agreement"] == 1.0
 
 
 # -- errors and help ---------------------------------------------------------------------
@@ -193,9 +211,16 @@ def test_unknown_strategy_exits_nonzero_with_one_line_and_suggestions(capsys):
     [
         (["demo", "--ratio", "1"], "the compression ratio must be in [0, 1)"),
         (["demo", "--ratio", "abc"], "expected a number in [0, 1)"),
-        (["demo", "--prompt-length", "0"], "expected a number of at least 1"),
-        (["demo", "--strategies", ","], "expected comma-separated strategy names"),
+        (["demo", "--images", "0"], "expected a number of at least 1"),
+        (["demo", "--new-tokens", "1"], "expected at least 2"),
+        (["demo", "--strategies", ","], "expected comma-separated names"),
         (["demo", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["run", "--prompt", "hi", "--strategy", "snapkv"], "the following arguments are required: --model"),
+        (["run", "--model", "m", "--prompt", "hi", "--strategy", "h2o", "--set", "window"], "expected key=value"),
+        (["bench"], "choose a benchmark: fidelity"),
+        (["bench", "fidelity", "--ratios", "0.5,2"], "the compression ratio must be in [0, 1)"),
+        (["eval"], "choose an evaluation: milebench"),
+        (["eval", "milebench", "--model", "m"], "the following arguments are required: --data"),
         (["compress"], "invalid choice: 'compress'"),
         ([], "choose a command"),
     ],
@@ -208,7 +233,9 @@ def test_bad_command_lines_exit_2_with_one_line(capsys, argv, expected):
     assert expected in err and "--help" in err
 
 
-@pytest.mark.parametrize("argv", [[], ["strategies"], ["demo"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["strategies"], ["demo"], ["run"], ["bench"], ["bench", "fidelity"], ["eval"], ["eval", "milebench"]]
+)
 def test_every_command_has_help_with_examples(capsys, argv):
     code, out, _ = run_cli(capsys, *argv, "--help")
     assert code == 0

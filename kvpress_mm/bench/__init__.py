@@ -1,0 +1,1 @@
+"""Benchmarks built on the public API: ``fidelity`` (against the full cache) and ``accuracy`` (reference VLM)."""
