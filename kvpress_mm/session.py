@@ -15,10 +15,18 @@ never re-implement RoPE. After compression it owns the attention mask of compres
 their cache columns no longer line up with the 2-D ``attention_mask`` generate keeps, so the
 mask is rebuilt from the kept slots' validity. Positions are untouched: generate derives them
 from the full 2-D mask, so decoding continues at the original absolute positions.
+
+What the session keeps per row of a compressed cache (slot validity, budgets, strategy state,
+next positions, the adapter's prompt record) lives in a :class:`CacheState` tied to the cache
+object. Beam search reorders the cache's rows between steps (``cache.reorder_cache``); the
+cache instance's row methods are wrapped (:class:`_FollowRows`) so that this state follows.
+Chunked prefill (``generate(prefill_chunk_size=...)``) would look like a short prompt and its
+continuations, so the model's ``_prefill`` is wrapped for the session's lifetime to refuse it.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 import weakref
@@ -71,6 +79,15 @@ class LayerState:
         self.length = int(slot_valid.shape[-1])
         self.slot_valid = None if bool(slot_valid.all()) else slot_valid
 
+    def select_rows(self, rows: torch.Tensor, batch: int) -> None:
+        """Keep rows ``rows`` of ``batch`` (in that order), as the cache just did."""
+        if self.slot_valid is not None:
+            self.slot_valid = self.slot_valid.index_select(0, rows.to(self.slot_valid.device))
+        self.n_keep = tuple(self.n_keep[i] for i in rows.tolist())
+        selected = _select_rows(self.strategy_state, rows, batch)
+        self.strategy_state.clear()  # in place: the dict is the strategy's, views share it
+        self.strategy_state.update(selected)
+
 
 @dataclass
 class CacheState:
@@ -82,6 +99,141 @@ class CacheState:
     next_positions: torch.Tensor | None = None
     # what the adapter recorded about the prompt (ModelAdapter.record_prompt)
     prompt_record: dict[str, Any] = field(default_factory=dict)
+
+    def rows_for(self, method: str, argument: Any) -> tuple[torch.Tensor, int] | None:
+        """The rows (of the batch size before the call) the cache keeps after ``cache.<method>(argument)``."""
+        if self.next_positions is None:
+            return None
+        batch = int(self.next_positions.shape[0])
+        if method == "batch_repeat_interleave":
+            return torch.arange(batch).repeat_interleave(int(argument)), batch
+        rows = torch.as_tensor(argument)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().flatten()
+        rows = rows.long().flatten().cpu()
+        return torch.where(rows < 0, rows + batch, rows), batch
+
+    def select_rows(self, rows: torch.Tensor, batch: int) -> None:
+        """Keep rows ``rows`` of every per-row tensor, as the cache just did (beam search's reordering)."""
+        if self.next_positions is not None:
+            self.next_positions = self.next_positions.index_select(0, rows.to(self.next_positions.device))
+        self.prompt_record = _select_rows(self.prompt_record, rows, batch)
+        for layer_state in self.layers.values():
+            layer_state.select_rows(rows, batch)
+
+
+def _select_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """``value`` with only rows ``rows`` (in that order) of its per-row parts.
+
+    Per-row parts are tensors whose first dimension is the batch (``batch`` long), and lists
+    and tuples of ``batch`` items; dicts are searched recursively. Anything else is shared by
+    all rows and returned as it is. This is the convention for what a strategy keeps in
+    ``LayerView.state`` and an adapter returns from ``ModelAdapter.record_prompt``.
+
+    >>> _select_rows({"scores": torch.tensor([1.0, 2.0]), "windows": [3, 4], "k": 5}, torch.tensor([1, 1]), 2)
+    {'scores': tensor([2., 2.]), 'windows': [4, 4], 'k': 5}
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.index_select(0, rows.to(value.device))
+        return value
+    if isinstance(value, dict):
+        return {key: _select_rows(item, rows, batch) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and len(value) == batch:
+        picked = [value[i] for i in rows.tolist()]
+        return picked if isinstance(value, list) else tuple(picked)
+    return value
+
+
+#: The cache methods that change which rows a cache holds (beam search calls ``reorder_cache``).
+_ROW_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+_changing_rows: set[int] = set()  # ids of caches inside one of their _ROW_METHODS
+
+
+class _FollowRows:
+    """Stands in for one of a compressed cache's :data:`_ROW_METHODS` (on that cache instance only).
+
+    Calls the cache's own method, then selects the same rows of everything the session keeps
+    about the cache (slot masks, strategy state such as ``h2o``'s scores, next positions, the
+    adapter's prompt record), so that per-row state stays with its row when beam search
+    reorders the beams. The cache's class and the model are left untouched.
+    """
+
+    def __init__(self, cache: Any, name: str, previous: Callable[..., Any] | None = None) -> None:
+        self._cache = weakref.ref(cache)  # the cache holds this object: no reference cycle
+        self._name = name
+        self._previous = previous  # an instance attribute that was there before, if any
+
+    def __call__(self, argument: Any) -> Any:
+        cache = self._cache()
+        if cache is None:  # pragma: no cover - the cache owns this object
+            raise ReferenceError("the cache this method belongs to no longer exists")
+        state = _cache_states.get(cache)
+        nested = id(cache) in _changing_rows  # one row method calling another: follow once
+        rows = None if state is None or nested else state.rows_for(self._name, argument)
+        _changing_rows.add(id(cache))
+        try:
+            if self._previous is not None:
+                result = self._previous(argument)
+            else:
+                result = getattr(type(cache), self._name)(cache, argument)
+        finally:
+            if not nested:
+                _changing_rows.discard(id(cache))
+        if state is not None and rows is not None:
+            state.select_rows(*rows)
+        return result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a copy of the cache (copy.deepcopy, pickle) gets a stand-in bound to the copy
+        return (_FollowRows, (self._cache(), self._name, self._previous))
+
+
+def _follow_row_changes(cache: Any) -> None:
+    """Install :class:`_FollowRows` for each of ``cache``'s :data:`_ROW_METHODS` (once)."""
+    for name in _ROW_METHODS:
+        if not callable(getattr(type(cache), name, None)):
+            continue
+        previous = vars(cache).get(name)
+        if isinstance(previous, _FollowRows):
+            continue
+        setattr(cache, name, _FollowRows(cache, name, previous))
+
+
+def _refuse_chunked_prefill(model: nn.Module) -> Callable[[], None] | None:
+    """Make ``generate(prefill_chunk_size=...)`` raise before its first chunk reaches the model.
+
+    transformers' chunked prefill feeds the prompt to the model in pieces; each piece looks
+    like a call that continues a cache, so compression would keep ``int(chunk * (1 - r))``
+    entries of the first piece and append the others in full. Returns the undo function.
+    """
+    original = getattr(model, "_prefill", None)
+    if not callable(original):
+        return None
+    own = vars(model).get("_prefill")
+    parameters = list(inspect.signature(original).parameters)
+
+    def _prefill(*args: Any, **kwargs: Any) -> Any:
+        config = {**dict(zip(parameters, args)), **kwargs}.get("generation_config")
+        chunk = getattr(config, "prefill_chunk_size", None)
+        if chunk is not None:
+            raise InvalidInputError(
+                f"chunked prefill is not supported under compression: drop prefill_chunk_size (it is {chunk}; "
+                "pass prefill_chunk_size=None to generate, or unset it in the generation config). Compression "
+                "needs the whole prompt in one prefill call"
+            )
+        return original(*args, **kwargs)
+
+    object.__setattr__(model, "_prefill", _prefill)
+
+    def undo() -> None:
+        if vars(model).get("_prefill") is _prefill:
+            if own is None:
+                object.__delattr__(model, "_prefill")
+            else:
+                object.__setattr__(model, "_prefill", own)
+
+    return undo
 
 
 @dataclass
@@ -105,7 +257,21 @@ class CallInfo:
 
 @dataclass
 class CompressionReport:
-    """What the last prefill compression did (summed over layers)."""
+    """What the last prefill compression did (summed over layers).
+
+    A new report replaces the previous one at every prefill (a model call on an empty cache)
+    made inside the session; calls that continue a cache leave it as it is.
+
+    Attributes:
+        layers_compressed: decoder layers whose cache was compressed.
+        layers_skipped: decoder layers left uncompressed (sliding-window layers).
+        kv_bytes_before: bytes of the compressed layers' keys and values right after the
+            prefill, before compression.
+        kv_bytes_after: the same layers' bytes right after compression.
+        prompt_lengths: real (non-padding) prompt tokens of each row of the batch.
+        n_keep: cache entries each row keeps per layer and KV head (its budget).
+
+    """
 
     layers_compressed: int = 0
     layers_skipped: int = 0
@@ -153,7 +319,7 @@ def _make_attention_function(wrapped: str) -> AttentionFunction:
         session = _session_by_module.get(module)
         if session is None:
             return original(module, query, key, value, attention_mask, **kwargs)
-        return session.attend(module, query, key, value, attention_mask, original, wrapped, **kwargs)
+        return session._attend(module, query, key, value, attention_mask, original, wrapped, **kwargs)
 
     attention.__name__ = f"{ATTENTION_PREFIX}{wrapped}_attention"
     return attention
@@ -288,9 +454,11 @@ class CompressionSession:
             adapter.set_attention_implementation(self.model, ATTENTION_PREFIX + original)
             self._original_implementation = original
             self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-            undo = None if self.compressor.is_noop else adapter.instrument(self.model)
-            if undo is not None:
-                self._undo.append(undo)
+            if not self.compressor.is_noop:
+                for instrument in (adapter.instrument, _refuse_chunked_prefill):
+                    undo = instrument(self.model)
+                    if undo is not None:
+                        self._undo.append(undo)
             for module in self._modules:
                 _session_by_module[module] = self
                 self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
@@ -424,7 +592,7 @@ class CompressionSession:
 
     # -- the attention wrapper ------------------------------------------------------------
 
-    def attend(
+    def _attend(
         self,
         module: nn.Module,
         query: torch.Tensor,
@@ -491,6 +659,7 @@ class CompressionSession:
             _cache_states[cache] = CacheState(
                 seen_columns=call.q_len, next_positions=next_positions, prompt_record=call.prompt_record
             )
+            _follow_row_changes(cache)  # beam search reorders the cache's rows between steps
         view = LayerView(
             layer_idx=layer_idx,
             keys=key,

@@ -86,8 +86,19 @@ def _static_cache(model: torch.nn.Module) -> None:
         generate(model, prompt(24), max_new_tokens=3, cache_implementation="static")
 
 
+def _beam_search(model: torch.nn.Module) -> None:
+    generate(model, prompt(24), max_new_tokens=4, num_beams=3)
+
+
+def _chunked_prefill(model: torch.nn.Module) -> None:
+    with pytest.raises(InvalidInputError, match="chunked prefill"):
+        generate(model, prompt(24), max_new_tokens=3, prefill_chunk_size=8)
+
+
 SCENARIOS: dict[str, Callable[..., None]] = {
     "ok": _ok,
+    "beam-search": _beam_search,
+    "chunked-prefill": _chunked_prefill,
     "raise-mid-generation": _raise_mid_generation,
     "raise-in-cache-surgery": _raise_in_cache_surgery,
     "right-padded-input": _right_padded,
@@ -148,6 +159,10 @@ def test_snapshot_detects_leftovers() -> None:
     with pytest.raises(AssertionError):
         assert_same_model_state(before, model_snapshot(model))
     model.set_attn_implementation("sdpa")
+    model._prefill = lambda *args, **kwargs: None  # a method wrapped on the instance and left behind
+    with pytest.raises(AssertionError, match="functions left on module instances"):
+        assert_same_model_state(before, model_snapshot(model))
+    del model._prefill
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1
     with pytest.raises(AssertionError, match="lm_head"):

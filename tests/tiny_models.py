@@ -174,8 +174,14 @@ def model_snapshot(model: nn.Module) -> dict[str, Any]:
         for attr in dir(module_mod)
         if attr.startswith("_global_") and isinstance(getattr(module_mod, attr), dict)
     }
+    # functions set on a module instance (an instrumented method such as a wrapped ``_prefill``)
+    instance_functions = {
+        name: sorted(key for key, value in vars(sub).items() if callable(value) and not isinstance(value, nn.Module))
+        for name, sub in model.named_modules()
+    }
     return {
         "config": config.to_dict(),
+        "instance_functions": instance_functions,
         "attn_implementation": config._attn_implementation,
         "generation_config": model.generation_config.to_dict(),  # type: ignore[union-attr,operator]
         "hooks": hooks,
@@ -190,6 +196,7 @@ def assert_same_model_state(before: dict[str, Any], after: dict[str, Any]) -> No
     """Fail with a precise message where ``after`` differs from ``before``."""
     assert after["attn_implementation"] == before["attn_implementation"]
     assert after["config"] == before["config"]
+    assert after["instance_functions"] == before["instance_functions"], "functions left on module instances"
     assert after["generation_config"] == before["generation_config"]
     leftover = {key: hooks for key, hooks in after["hooks"].items() if hooks != before["hooks"].get(key)}
     assert not leftover, f"hooks left on modules: {leftover}"

@@ -62,6 +62,11 @@ class ModelAdapter(ABC):
 
         Called at the prefill, after :meth:`validate_inputs`; the result is handed to
         :meth:`validate_continuation`. The default remembers nothing.
+
+        Per-row values must be batch-first: tensors whose first dimension is the batch, or lists
+        and tuples with one item per row. When the cache's rows are reordered (beam search's
+        ``reorder_cache``), exactly those values are reordered alike; anything else is taken to
+        be shared by all rows.
         """
         return {}
 

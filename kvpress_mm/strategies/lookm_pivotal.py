@@ -18,10 +18,11 @@ from kvpress_mm.strategies.lookm_evict import LookMEvict
 class LookMPivotal(LookMEvict):
     """``lookm-evict``'s kept set, with the evicted entries merged into it.
 
-    each evicted entry first becomes a pivot ``(K_e + K_c) / 2``, then
-    ``K_c' = (K_c + sum_e (K_e + K_c) / 2) / (1 + n_c)``. The paper's main setting. Values alike.
-    Kept entries with nothing assigned are unchanged; the cache length is the same as
-    ``lookm-evict``'s.
+    Every evicted entry ``e`` goes to its most similar kept entry ``c`` (highest key cosine
+    similarity, per KV head) and first becomes a pivot ``(K_e + K_c) / 2``; then
+    ``K_c' = (K_c + sum_e (K_e + K_c) / 2) / (1 + n_c)``, with ``n_c`` the entries assigned to
+    ``c``. Values alike. This is the paper's main setting. Kept entries with nothing assigned
+    are unchanged; the cache length is the same as ``lookm-evict``'s.
     """
 
     def plan(self, layer: LayerView) -> CompressionPlan:
