@@ -159,10 +159,20 @@ class _FollowRows:
     reorders the beams. The cache's class and the model are left untouched.
     """
 
-    def __init__(self, cache: Any, name: str, previous: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        cache: Any,
+        name: str,
+        previous: Callable[..., Any] | None = None,
+        state: CacheState | None = None,
+    ) -> None:
         self._cache = weakref.ref(cache)  # the cache holds this object: no reference cycle
         self._name = name
         self._previous = previous  # an instance attribute that was there before, if any
+        if state is not None and cache not in _cache_states:
+            # a copy of a compressed cache (copy.deepcopy, pickle) continues as compressed:
+            # without its state it would decode as an uncompressed cache, silently wrong
+            _cache_states[cache] = state
 
     def __call__(self, argument: Any) -> Any:
         cache = self._cache()
@@ -185,8 +195,10 @@ class _FollowRows:
         return result
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # a copy of the cache (copy.deepcopy, pickle) gets a stand-in bound to the copy
-        return (_FollowRows, (self._cache(), self._name, self._previous))
+        # a copy of the cache (copy.deepcopy, pickle) gets a stand-in bound to the copy, and a
+        # copy of the session's state for it (deepcopy's memo shares one copy between stand-ins)
+        cache = self._cache()
+        return (_FollowRows, (cache, self._name, self._previous, _cache_states.get(cache)))
 
 
 def _follow_row_changes(cache: Any) -> None:

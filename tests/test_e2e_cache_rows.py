@@ -276,6 +276,29 @@ def test_copies_of_a_compressed_cache_keep_their_own_rows() -> None:
     assert type(cache).__name__ == "DynamicCache"  # the class is untouched: only the instance follows
 
 
+@pytest.mark.parametrize("name", ["snapkv", "h2o"])
+def test_copies_of_a_compressed_cache_continue_as_compressed(name: str) -> None:
+    """Branching a conversation: a deep copy / pickle of a compressed cache continues exactly like the original."""
+    model = build("llama", "sdpa")
+    ids, mask, _ = left_padded([10, 16])
+    b = ids.shape[0]
+    extra = torch.randint(3, 256, (b, 3), generator=torch.Generator().manual_seed(7))
+    with Compressor.from_name(name, compression_ratio=0.5, window_size=2)(model):
+        first = generate(model, ids, mask, max_new_tokens=3)
+        cache = cache_of(first)
+        copies = [copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))]
+        new_ids = torch.cat([first.sequences[:, -1:], extra], dim=1)
+        history_mask = torch.cat([mask, torch.ones(b, 3 + 3, dtype=mask.dtype)], dim=1)
+        branches = [generate(model, new_ids, history_mask, max_new_tokens=4, cache=c) for c in copies]
+        original = generate(model, new_ids, history_mask, max_new_tokens=4, cache=cache)
+    for branch in branches:
+        assert torch.equal(branch.sequences, original.sequences)
+        assert _max_diff(torch.stack(branch.logits), torch.stack(original.logits)) == 0.0
+    # the copies are independent: each grew on its own
+    assert all(c.layers[0].keys.shape == cache.layers[0].keys.shape for c in copies)
+    assert all(c.layers[0].keys.data_ptr() != cache.layers[0].keys.data_ptr() for c in copies)
+
+
 # -- chunked prefill ----------------------------------------------------------------------------
 
 
