@@ -19,8 +19,8 @@ from typing import Any, ClassVar, overload
 import torch
 from torch import nn
 
-from kvpress_mm.adapters.placeholders import check_media_placeholders, continues_where_cache_stands
-from kvpress_mm.adapters.vlm import VisionLanguageAdapter
+from kvpress_mm.adapters.placeholders import check_media_placeholders
+from kvpress_mm.adapters.vlm import CountCheckedAdapter
 from kvpress_mm.hookspecs import hookimpl
 
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
@@ -150,7 +150,7 @@ def tokens_per_tile(model: nn.Module, height: int, width: int, strategy: str) ->
     return side * side
 
 
-class InternVLAdapter(VisionLanguageAdapter):
+class InternVLAdapter(CountCheckedAdapter):
     """InternVL (InternVLForConditionalGeneration): image placeholders are ``config.image_token_id``.
 
     ``<img>`` / ``</img>`` are text. Inputs are checked before the prefill: images need
@@ -162,26 +162,6 @@ class InternVLAdapter(VisionLanguageAdapter):
     family = "InternVL (InternVLForConditionalGeneration)"
     model_classes: ClassVar[tuple[str, ...]] = ("InternVLForConditionalGeneration",)
     video_inputs: ClassVar[tuple[str, ...]] = ()
-
-    def validate_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
-        """Placeholders and tiles must match: ``tokens_per_tile`` placeholders per tile."""
-        super().validate_inputs(model, inputs)
-        self.check_images(model, inputs, orphans=True)
-
-    def validate_continuation(
-        self,
-        model: nn.Module,
-        inputs: Mapping[str, Any],
-        record: Mapping[str, Any],
-        next_positions: torch.Tensor,
-        new_valid: torch.Tensor,
-    ) -> None:
-        """Images added on a compressed cache must match their placeholders too.
-
-        (Placeholder ids without images are not refused here: a generated token may be one.)
-        """
-        if continues_where_cache_stands(inputs, next_positions):
-            self.check_images(model, inputs, orphans=False)
 
     def check_images(self, model: nn.Module, inputs: Mapping[str, Any], orphans: bool) -> None:
         """The call's image placeholders against its tiles (features or pixels)."""

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kvpress_mm.adapters.placeholders import check_media_placeholders, continues_where_cache_stands
-from kvpress_mm.adapters.vlm import VisionLanguageAdapter
+from kvpress_mm.adapters.placeholders import check_media_placeholders
+from kvpress_mm.adapters.vlm import CountCheckedAdapter
 from kvpress_mm.hookspecs import hookimpl
 
 #: Vision towers whose token count per image is known: model_type -> leading CLS tokens.
@@ -48,7 +48,7 @@ def tokens_per_tile(model: nn.Module, height: int, width: int, strategy: str) ->
     return count - 1 if strategy == "default" else count
 
 
-class LlavaAdapter(VisionLanguageAdapter):
+class LlavaAdapter(CountCheckedAdapter):
     """LLaVA-1.5 (LlavaForConditionalGeneration): image placeholders are ``config.image_token_id``.
 
     Inputs are checked before the prefill: images need placeholder tokens, exactly
@@ -60,26 +60,6 @@ class LlavaAdapter(VisionLanguageAdapter):
     family = "LLaVA-1.5 (LlavaForConditionalGeneration)"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
     video_inputs: ClassVar[tuple[str, ...]] = ()
-
-    def validate_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
-        """Placeholders and images must match: ``tokens_per_image`` placeholders per image."""
-        super().validate_inputs(model, inputs)
-        self.check_images(model, inputs, orphans=True)
-
-    def validate_continuation(
-        self,
-        model: nn.Module,
-        inputs: Mapping[str, Any],
-        record: Mapping[str, Any],
-        next_positions: torch.Tensor,
-        new_valid: torch.Tensor,
-    ) -> None:
-        """Images added on a compressed cache must match their placeholders too.
-
-        (Placeholder ids without images are not refused here: a generated token may be one.)
-        """
-        if continues_where_cache_stands(inputs, next_positions):
-            self.check_images(model, inputs, orphans=False)
 
     def check_images(self, model: nn.Module, inputs: Mapping[str, Any], orphans: bool) -> None:
         """The call's image placeholders against its images (features or pixels)."""

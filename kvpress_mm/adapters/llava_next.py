@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from kvpress_mm.adapters.llava import feature_select_strategy, tokens_per_tile
-from kvpress_mm.adapters.placeholders import check_media_placeholders, continues_where_cache_stands
-from kvpress_mm.adapters.vlm import VisionLanguageAdapter
+from kvpress_mm.adapters.placeholders import check_media_placeholders
+from kvpress_mm.adapters.vlm import CountCheckedAdapter
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.hookspecs import hookimpl
 
@@ -110,7 +110,7 @@ def image_sizes_list(image_sizes: Any) -> list[list[int]]:
     return [[int(x) for x in size] for size in image_sizes]
 
 
-class LlavaNextAdapter(VisionLanguageAdapter):
+class LlavaNextAdapter(CountCheckedAdapter):
     """LLaVA-NeXT (LlavaNextForConditionalGeneration): image placeholders are ``config.image_token_id``.
 
     Inputs are checked before the prefill: each image takes exactly its anyres placeholder
@@ -134,26 +134,6 @@ class LlavaNextAdapter(VisionLanguageAdapter):
     def image_tiles(self, model: nn.Module, inputs: Mapping[str, Any]) -> list[int]:
         """Tiles the model reads from ``pixel_values`` for each image."""
         return [anyres_num_tiles(model, size) for size in image_sizes_list(inputs["image_sizes"])]
-
-    def validate_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
-        """Placeholders, tiles and ``image_sizes`` must agree, image by image."""
-        super().validate_inputs(model, inputs)
-        self.check_images(model, inputs, orphans=True)
-
-    def validate_continuation(
-        self,
-        model: nn.Module,
-        inputs: Mapping[str, Any],
-        record: Mapping[str, Any],
-        next_positions: torch.Tensor,
-        new_valid: torch.Tensor,
-    ) -> None:
-        """Images added on a compressed cache must match their placeholders too.
-
-        (Placeholder ids without images are not refused here: a generated token may be one.)
-        """
-        if continues_where_cache_stands(inputs, next_positions):
-            self.check_images(model, inputs, orphans=False)
 
     def check_pixels(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
         """``pixel_values`` come with ``image_sizes``, and hold the tiles those call for."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kvpress_mm.adapters.base import ModelAdapter, padding_aware_text_map
+from kvpress_mm.adapters.placeholders import continues_where_cache_stands
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
 
@@ -99,3 +100,38 @@ class VisionLanguageAdapter(ModelAdapter):
                     f"{given[0]} given but input_ids contain no {what} placeholder token (id {token_id}); "
                     f"build the prompt with the model's processor, which expands each {what} into its placeholders"
                 )
+
+
+class CountCheckedAdapter(VisionLanguageAdapter):
+    """A vision-language adapter that checks each call's placeholder counts against its media.
+
+    Subclasses implement :meth:`check_images`; it runs on every prefill and on calls that add
+    images to a compressed cache.
+    """
+
+    def validate_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
+        """Images need placeholders, the counts must match, and placeholders need images."""
+        super().validate_inputs(model, inputs)
+        self.check_images(model, inputs, orphans=True)
+
+    def validate_continuation(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        record: Mapping[str, Any],
+        next_positions: torch.Tensor,
+        new_valid: torch.Tensor,
+    ) -> None:
+        """Images added on a compressed cache must match their placeholders too.
+
+        (Placeholder ids without images are not refused here: a generated token may be one.)
+        """
+        if continues_where_cache_stands(inputs, next_positions):
+            self.check_images(model, inputs, orphans=False)
+
+    def check_images(self, model: nn.Module, inputs: Mapping[str, Any], orphans: bool) -> None:
+        """Raise :class:`~kvpress_mm.errors.InvalidInputError` when placeholders and media disagree.
+
+        ``orphans``: also refuse placeholder tokens that come with no media (prefill only).
+        """
+        raise NotImplementedError
