@@ -26,7 +26,7 @@ from kvpress_mm.plan import CompressionPlan
 MergeMode = Literal["average", "pivotal", "weighted"]
 
 # Bound on one chunk of the [heads, evicted, kept] similarity matrix (float32 bytes).
-SIMILARITY_CHUNK_BYTES = 32 * 2**20
+SIMILARITY_CHUNK_BYTES = 8 * 2**20
 
 
 def assign_evicted(

@@ -5,6 +5,8 @@ All statistics are float32 whatever the model dtype (bf16 scores collapse into t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Upper bound on the float32 logits of one query chunk. Small enough that the compression
@@ -18,6 +20,26 @@ def _grouped_queries(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return queries.reshape(b, kv_heads, hq // kv_heads, q, d)
 
 
+def _query_chunks(query_start: int, length: int, budget: int) -> list[tuple[int, int]]:
+    """``(start, end)`` query chunks whose causal logits ``rows x end`` each fit in ``budget`` elements.
+
+    Rows see keys ``< end`` only, so later chunks (wider) get fewer rows: every chunk but the
+    last is about ``budget`` elements, which halves the number of chunks of a full prompt
+    compared with a fixed row count.
+    """
+    chunks = []
+    start = max(0, query_start)
+    while start < length:
+        # the largest rows with rows * (start + rows) <= budget, at least one
+        rows = max(1, int((math.sqrt(start * start + 4 * budget) - start) / 2))
+        while rows > 1 and rows * (start + rows) > budget:
+            rows -= 1
+        end = min(length, start + rows)
+        chunks.append((start, end))
+        start = end
+    return chunks
+
+
 def attention_column_sums(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -28,6 +50,13 @@ def attention_column_sums(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> torch.Tensor:
     """Sum over queries ``i >= query_start`` of the causal softmax probabilities ``A[h, i, j]``.
+
+    Query rows are processed in chunks, each in one reused buffer of at most ``chunk_bytes``:
+    one matmul for the logits (keys up to the chunk's last query only), the causal mask on the
+    chunk's diagonal block only (earlier keys are all visible), the padding mask only when
+    there is padding, an in-place softmax, and one matmul that adds up the rows that count.
+    Chunks get as many rows as fit (later rows see more keys), so a full prompt takes about
+    ``2 * B * Hq * P**2 / chunk_bytes`` chunks (128 for 8 heads and 8k tokens at 8 MiB).
 
     Args:
         queries: ``[B, Hq, P, D]`` post-RoPE queries of the prompt.
@@ -45,25 +74,38 @@ def attention_column_sums(
     b, hq, p, d = queries.shape
     kvh = keys.shape[1]
     groups = hq // kvh
-    keys32 = keys.float()
-    out = torch.zeros(b, kvh, groups, p, dtype=torch.float32, device=queries.device)
-    rows_per_chunk = max(1, chunk_bytes // (4 * b * hq * max(p, 1)))
-    positions = torch.arange(p, device=queries.device)
-    neg_inf = torch.tensor(float("-inf"), device=queries.device)
-    for start in range(query_start, p, rows_per_chunk):
-        end = min(p, start + rows_per_chunk)
-        q = _grouped_queries(queries[:, :, start:end].float(), kvh)  # [B, kvH, g, c, D]
-        k = keys32[:, :, :end]  # causal: queries < end see keys < end only
-        logits = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)).mul_(scaling)  # [B, kvH, g, c, e]
-        visible = positions[None, :end] <= positions[start:end, None]  # [c, e]
-        visible = visible[None] & key_valid[:, None, :end]  # [B, c, e]
-        logits = torch.where(visible[:, None, None], logits, neg_inf)
-        probs = torch.softmax(logits, dim=-1)
-        # Queries that do not count, or see no key at all (left padding), contribute nothing.
-        counted = query_valid[:, start:end] & visible.any(-1)  # [B, c]
-        probs = probs.masked_fill(~counted[:, None, None, :, None], 0.0)
-        out[..., :end] += probs.sum(dim=3)
-    return out.reshape(b, hq, p)
+    out = torch.zeros(b, kvh * groups, p, dtype=torch.float32, device=queries.device)
+    chunks = _query_chunks(query_start, p, max(1, chunk_bytes // (4 * b * hq)))
+    if not chunks:
+        return out
+    keys_t = keys.float().transpose(-1, -2)  # [B, kvH, D, P]
+    buffer = torch.empty(
+        max(b * hq * (end - start) * end for start, end in chunks), dtype=torch.float32, device=queries.device
+    )
+    # finite, so that a query that sees no key at all (left padding) gets no NaN; exp underflows to 0
+    masked = torch.finfo(torch.float32).min
+    padded = not bool(key_valid.all())
+    # a query counts if it is valid and sees at least one real key (itself or an earlier one)
+    counted = (query_valid & (key_valid.cumsum(-1) > 0) if padded else query_valid).float()
+    max_rows = max(end - start for start, end in chunks)
+    future_keys = torch.ones(max_rows, max_rows, dtype=torch.bool, device=queries.device).triu_(1)
+    for start, end in chunks:
+        rows = end - start
+        q = (queries[:, :, start:end].float() * scaling).reshape(b, kvh, groups * rows, d)
+        logits = buffer[: b * hq * rows * end].view(b, kvh, groups * rows, end)
+        torch.matmul(q, keys_t[..., :end], out=logits)
+        logits = logits.view(b, kvh, groups, rows, end)
+        # causal: queries < end see keys < end only, and inside the chunk no key after themselves
+        logits[..., start:end].masked_fill_(future_keys[:rows, :rows], masked)
+        if padded:
+            logits.masked_fill_(~key_valid[:, None, None, None, :end], masked)
+        # in place (ATen's softmax.out, row by row): no second chunk-sized buffer
+        probs = torch._softmax(logits, -1, False, out=logits)
+        # rows that do not count get weight 0 (their probabilities are finite)
+        weight = counted[:, None, start:end].expand(b, hq, rows).reshape(b * hq, 1, rows)
+        target = out.view(b * hq, 1, p)[..., :end]
+        target.baddbmm_(weight, probs.view(b * hq, rows, end))
+    return out
 
 
 def decode_attention(
