@@ -15,6 +15,21 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_entries(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor [B, H, P, D]`` at ``index [B, H, n]`` (positions along ``P``) -> ``[B, H, n, D]``.
+
+    The same as ``tensor.gather(2, index[..., None].expand(-1, -1, -1, D))``, but a contiguous
+    ``tensor`` is read whole rows at a time (``index_select`` on its flattened entries), several
+    times faster on CPU: it runs at every decode step of ``h2o``.
+    """
+    b, h, p, d = tensor.shape
+    if not tensor.is_contiguous():
+        return tensor.gather(2, index[..., None].expand(-1, -1, -1, d))
+    offsets = torch.arange(0, b * h * p, p, device=index.device).view(b, h, 1)
+    rows = tensor.view(b * h * p, d).index_select(0, (index + offsets).flatten())
+    return rows.view(b, h, index.shape[-1], d)
+
+
 def apply_plan(layer: object, plan: CompressionPlan) -> None:
     """Replace ``layer.keys`` / ``layer.values`` (``[B, kvH, seq, D]``) by the plan's kept slots.
 
@@ -22,11 +37,9 @@ def apply_plan(layer: object, plan: CompressionPlan) -> None:
     """
     keys: torch.Tensor = layer.keys  # type: ignore[attr-defined]
     values: torch.Tensor = layer.values  # type: ignore[attr-defined]
-    index = plan.kept_indices.to(keys.device)[..., None]
-    new_keys = plan.keys if plan.keys is not None else keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1]))
-    new_values = (
-        plan.values if plan.values is not None else values.gather(2, index.expand(-1, -1, -1, values.shape[-1]))
-    )
+    index = plan.kept_indices.to(keys.device)
+    new_keys = plan.keys if plan.keys is not None else gather_entries(keys, index)
+    new_values = plan.values if plan.values is not None else gather_entries(values, index)
     slot_valid = plan.slot_valid.to(keys.device)
     if not bool(slot_valid.all()):
         filler = ~slot_valid[:, None, :, None]

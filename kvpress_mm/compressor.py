@@ -121,7 +121,7 @@ class Compressor(BaseModel):
             raise ValueError("config has no 'strategy' field naming the strategy (see Compressor.to_config)")
         return cls.from_name(name, **config)
 
-    def __call__(self, model: torch.nn.Module) -> CompressionSession:
+    def __call__(self, model: torch.nn.Module, *, growing_cache: bool = True) -> CompressionSession:
         """A context manager that compresses ``model``'s KV cache while it is active.
 
         Entering it finds the model's adapter (an error names the supported families if none
@@ -132,6 +132,10 @@ class Compressor(BaseModel):
         Args:
             model: a transformers model (text-only decoder LM or a supported vision-language
                 model) using ``sdpa`` or ``eager`` attention.
+            growing_cache: move each compressed layer into a
+                :class:`~kvpress_mm.growing_cache.GrowingLayer`, which appends decoded entries in
+                place (transformers' ``DynamicLayer`` copies the whole cache at every decode
+                step). ``False`` keeps ``DynamicLayer``; outputs are identical either way.
 
         Returns:
             A :class:`~kvpress_mm.CompressionSession`; its ``report`` describes the last
@@ -148,7 +152,7 @@ class Compressor(BaseModel):
         """
         from kvpress_mm.session import CompressionSession
 
-        return CompressionSession(self, model)
+        return CompressionSession(self, model, growing_cache=growing_cache)
 
 
 class ScoredCompressor(Compressor):

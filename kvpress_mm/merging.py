@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from kvpress_mm.cache_surgery import gather_entries
 from kvpress_mm.layer import LayerView
 from kvpress_mm.plan import CompressionPlan
 
@@ -83,7 +84,7 @@ def _merge(
 
 def _gather_entries(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tensor [H, P, D]`` at ``index [H, k]`` -> ``[H, k, D]``."""
-    return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+    return gather_entries(tensor[None], index[None])[0]
 
 
 def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> CompressionPlan:
@@ -91,9 +92,8 @@ def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> C
 
     The kept set is unchanged; only kept entries that received evicted entries change.
     """
-    index = plan.kept_indices[..., None]
-    merged_keys = layer.keys.gather(2, index.expand(-1, -1, -1, layer.keys.shape[-1]))
-    merged_values = layer.values.gather(2, index.expand(-1, -1, -1, layer.values.shape[-1]))
+    merged_keys = gather_entries(layer.keys, plan.kept_indices)
+    merged_values = gather_entries(layer.values, plan.kept_indices)
     for b in range(layer.batch_size):
         first = plan.n_slots - int(plan.slot_valid[b].sum())  # filler slots come first
         kept_idx = plan.kept_indices[b, :, first:]  # [H, n]

@@ -56,6 +56,8 @@ if TYPE_CHECKING:
     from kvpress_mm.compressor import Compressor
 
 ATTENTION_PREFIX = "kvpress_mm_"
+#: Free entries a compressed layer's GrowingLayer starts with (then it doubles when full).
+GROWING_HEADROOM = 128
 WRAPPABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 
 AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
@@ -383,12 +385,27 @@ def _unsupported_cache_layer(layer: Any, layer_idx: int) -> UnsupportedCacheErro
     )
 
 
-def _check_cache_layers(cache: Any) -> None:
-    """Refuse, up front, a cache whose (non-sliding) layers are not plain ``DynamicLayer``s."""
+def _compressible(layer: Any) -> bool:
+    """A plain ``DynamicLayer``, or kvpress-mm's :class:`~kvpress_mm.growing_cache.GrowingLayer`."""
     from transformers.cache_utils import DynamicLayer
 
+    from kvpress_mm.growing_cache import GrowingLayer
+
+    return type(layer) is DynamicLayer or type(layer) is GrowingLayer
+
+
+def _grow_in_place(layer: Any) -> None:
+    """Make a compressed layer a GrowingLayer (the same object), so that decode steps append without copying."""
+    from kvpress_mm.growing_cache import GrowingLayer
+
+    if type(layer) is not GrowingLayer:
+        GrowingLayer.adopt(layer, headroom=GROWING_HEADROOM)
+
+
+def _check_cache_layers(cache: Any) -> None:
+    """Refuse, up front, a cache whose (non-sliding) layers are not plain ``DynamicLayer``s (or growing ones)."""
     for layer_idx, layer in enumerate(getattr(cache, "layers", None) or ()):
-        if not getattr(layer, "is_sliding", False) and type(layer) is not DynamicLayer:
+        if not getattr(layer, "is_sliding", False) and not _compressible(layer):
             raise _unsupported_cache_layer(layer, layer_idx)
 
 
@@ -421,9 +438,14 @@ class CompressionSession:
         out = model.generate(**inputs, max_new_tokens=32)
     print(session.report.kv_bytes_before, session.report.kv_bytes_after)
     ```
+
+    With ``growing_cache`` (the default), each layer compressed at prefill is moved into a
+    :class:`~kvpress_mm.growing_cache.GrowingLayer` with a little headroom, so that decode
+    steps append in place instead of copying the whole cache (``DynamicLayer``'s
+    ``torch.cat``); ``False`` keeps transformers' ``DynamicLayer``. Outputs are identical.
     """
 
-    def __init__(self, compressor: Compressor, model: nn.Module) -> None:
+    def __init__(self, compressor: Compressor, model: nn.Module, *, growing_cache: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"compressor(model) needs a transformers model (torch.nn.Module), got {type(model).__name__}"
@@ -440,6 +462,8 @@ class CompressionSession:
         self._cache: Any = None
         self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
         self._warned_sliding = False
+        # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
+        self._growing_cache = growing_cache
         # only strategies that act while decoding pay for the decode-time view
         self._decodes = type(compressor).decode_plan is not _base_decode_plan()
 
@@ -595,6 +619,8 @@ class CompressionSession:
         if plan is not None:
             apply_plan(layer, plan)
             layer_state.set_slots(plan.slot_valid)
+            if prefill and self._growing_cache:
+                _grow_in_place(layer)
         state = _cache_states[self._cache]
         state.layers[int(module.layer_idx)] = layer_state  # type: ignore[arg-type]
         if prefill:
@@ -642,8 +668,6 @@ class CompressionSession:
         value: torch.Tensor,
         kwargs: dict[str, Any],
     ) -> None:
-        from transformers.cache_utils import DynamicLayer
-
         call = self._call
         assert call is not None and call.modality is not None
         layer = cache.layers[layer_idx]
@@ -659,7 +683,7 @@ class CompressionSession:
                 )
                 self._warned_sliding = True
             return
-        if type(layer) is not DynamicLayer:
+        if not _compressible(layer):
             raise _unsupported_cache_layer(layer, layer_idx)
         if key.shape[2] != call.modality.shape[1]:
             raise InvalidInputError(

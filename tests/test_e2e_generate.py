@@ -8,6 +8,7 @@ from masked_reference import PlanRecorder, cache_of
 from tiny_models import FAMILIES, build, generate, left_padded, prompt
 
 from kvpress_mm import Compressor
+from kvpress_mm.session import GROWING_HEADROOM
 
 torch.set_num_threads(1)
 
@@ -77,20 +78,26 @@ def test_cache_holds_n_keep_after_prefill(name: str, impl: str, ratio: float) ->
     assert all(torch.isfinite(step).all() for step in out.logits)
 
 
+@pytest.mark.parametrize("growing", [True, False])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", [s for s in STRATEGIES if s != "full"])
-def test_compressed_cache_owns_only_kept_entries(name: str, impl: str) -> None:
-    """After prefill the cache tensors' storage holds exactly n_keep entries (no view of the old one)."""
+def test_compressed_cache_owns_only_kept_entries(name: str, impl: str, growing: bool) -> None:
+    """After prefill the cache's storage holds n_keep entries (no view of the old one).
+
+    With the session's growing layers (the default) the storage also has a fixed headroom of
+    ``GROWING_HEADROOM`` free entries for the decoded ones, whatever the prompt length.
+    """
     model = build(FAMILY_OF[name], impl)
     ids = prompt(PROMPT_LEN)
-    with Compressor.from_name(name, compression_ratio=0.7)(model):
+    with Compressor.from_name(name, compression_ratio=0.7)(model, growing_cache=growing):
         out = generate(model, ids, max_new_tokens=1)  # prefill only: the cache is as compression left it
     n_keep = max(1, int(PROMPT_LEN * (1 - 0.7)))
+    capacity = n_keep + GROWING_HEADROOM if growing else n_keep
     for layer in cache_of(out).layers:
         for tensor in (layer.keys, layer.values):
             b, heads, n, dim = tensor.shape
             assert n == n_keep
-            assert tensor.untyped_storage().nbytes() == b * heads * n_keep * dim * tensor.element_size()
+            assert tensor.untyped_storage().nbytes() == b * heads * capacity * dim * tensor.element_size()
             assert tensor.storage_offset() == 0
 
 
