@@ -1,8 +1,9 @@
 """The ``kvpress-mm`` command line: argument parsing and dispatch to the command modules.
 
 Commands: ``strategies`` (registry listing), ``demo`` (:mod:`kvpress_mm.demo`), ``run``
-(:mod:`kvpress_mm.run`), ``bench fidelity`` (:mod:`kvpress_mm.bench.fidelity`) and ``eval
-milebench`` (:mod:`kvpress_mm.eval.milebench_runner`). Every command has ``--help`` with
+(:mod:`kvpress_mm.run`), ``bench fidelity`` (:mod:`kvpress_mm.bench.fidelity`), ``bench
+accuracy`` (:mod:`kvpress_mm.bench.accuracy`) and ``eval milebench``
+(:mod:`kvpress_mm.eval.milebench_runner`). Every command has ``--help`` with
 examples; those a script would read have ``--json``; ``--quiet`` silences progress. Errors
 print one line on stderr and exit non-zero: 2 for a bad command line or input (unknown
 strategy, invalid option, missing model directory, unreadable image), 1 for a failure.
@@ -26,9 +27,10 @@ TRACEBACK_ENV = "KVPRESS_MM_TRACEBACK"
 
 MAIN_EPILOG = f"""examples:
   {PROG} strategies                 list every strategy (built-in and plugin) with its config
-  {PROG} demo                       compare strategies on the embedded tiny model (no download)
+  {PROG} demo                       compare strategies on the shipped reference VLM (no download)
   {PROG} run --model DIR --image a.png --prompt "What is shown?" --strategy lookm-pivotal --ratio 0.8
-  {PROG} bench fidelity --ratios 0.5,0.9          quality against compression, JSON + PNG
+  {PROG} bench accuracy --ratios 0.8              answer accuracy against compression, JSON + PNG
+  {PROG} bench fidelity --ratios 0.5,0.9          fidelity to the full cache against compression
   {PROG} eval milebench --data DIR --model DIR --strategy snapkv --ratio 0.8
   {PROG} <command> --help           help and examples for one command
 """
@@ -39,16 +41,19 @@ STRATEGIES_EPILOG = f"""examples:
   {PROG} strategies --json | python -c "import json,sys; print([s['name'] for s in json.load(sys.stdin)])"
 """
 
-DEMO_EPILOG = f"""The default model is a tiny random-weight LlavaForConditionalGeneration built in code (nothing is
-downloaded), with attention given structure on purpose (q/k weights scaled up, the first token an
-attention sink). The table shows KV memory, decode time and fidelity to the full cache ON A RANDOM
-MODEL: mechanics and divergence, not answer quality. "full" always runs first, as the reference.
+DEMO_EPILOG = f"""The model is the reference VLM shipped in the package: a tiny LlavaForConditionalGeneration
+trained on synthetic multi-image tasks (nothing is downloaded; see docs/reference-model.md). The
+prompt is a held-out context of images of coloured cells, text facts and filler words. Each
+strategy compresses its cache; then held-out questions about it are asked on the compressed cache
+("answers": how many stay right), and the model continues the context (KV memory, decode time,
+fidelity to the full cache). "full" always runs first, as the reference.
 
 examples:
   {PROG} demo                                    every built-in strategy at ratio 0.8
-  {PROG} demo --ratio 0.5                        keep half of the prompt's cache
+  {PROG} demo --ratio 0.5                        keep half of the context's cache
   {PROG} demo --strategies streaming,snapkv,h2o  only these (plus the full reference)
   {PROG} demo --strategies all                   every registered strategy, plugins included
+  {PROG} demo --images 12 --seed 3               another held-out context, of 12 images
   {PROG} demo --images 2 --new-tokens 4 --quiet  a fast smoke run
   {PROG} demo --json > demo.json                 machine-readable result
 """
@@ -65,21 +70,23 @@ examples:
 """
 
 BENCH_EPILOG = f"""examples:
-  {PROG} bench fidelity --help
+  {PROG} bench accuracy --help      answer accuracy per task, strategy and ratio on the reference VLM
+  {PROG} bench fidelity --help      fidelity to the full cache (any model)
 """
 
 FIDELITY_EPILOG = f"""For each prompt, the full cache's greedy continuation is the reference. Each strategy at each
 ratio is run twice: free-running (timed; "greedy" = its tokens equal to the reference's) and teacher-forced
 along the reference ("top-1" = its most likely next token is the reference's; "KL" = mean
 KL(p_full || p_strategy) in nats). The first token comes from the prefill (before compression) and is
-not counted. Without --model the embedded RANDOM-WEIGHT model is used: fidelity, not answer quality.
+not counted. Without --model the reference VLM shipped in the package is used (a tiny LLaVA trained on
+synthetic multi-image tasks), with held-out task prompts; `bench accuracy` measures its answers.
 
 prompt files (--prompts): .jsonl with one {{"prompt": "...", "images": ["a.png"], "name": "..."}} per line
 (image paths relative to the file; <image> marks where each goes, else images first), .json with a
 list of those, or plain text with one prompt per line.
 
 examples:
-  {PROG} bench fidelity                                   embedded model, built-in prompts
+  {PROG} bench fidelity                                   the reference VLM, held-out task prompts
   {PROG} bench fidelity --strategies snapkv,h2o --ratios 0.5,0.75,0.9 --output results/
   {PROG} bench fidelity --model ./llava --prompts prompts.jsonl --new-tokens 32
   {PROG} bench fidelity --num-prompts 2 --new-tokens 8 --quiet --json
@@ -161,6 +168,27 @@ def _at_least_two(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """Parse an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value}")
+    return value
+
+
+def _image_count(text: str) -> int:
+    """Parse a number of images the reference tasks allow (1 to 16)."""
+    from kvpress_mm.reference.tasks import MAX_IMAGES
+
+    value = _positive_int(text)
+    if value > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_IMAGES} images, got {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """Parse a positive duration in seconds."""
     try:
@@ -210,7 +238,7 @@ def _model_options(parser: argparse.ArgumentParser, required: bool) -> None:
         required=required,
         metavar="DIR",
         help="local model directory (save_pretrained output with its processor or tokenizer)"
-        + ("" if required else "; default: the embedded tiny model"),
+        + ("" if required else "; default: the reference VLM shipped in the package"),
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cpu, or this process's GPU)")
     parser.add_argument(
@@ -268,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="compare strategies on the embedded tiny model with a multimodal prompt (no download)",
-        description="Generate greedily under several strategies on the embedded tiny random LLaVA with a prompt of "
-        "several pictures and text, and print KV memory before/after, decode ms/token and fidelity to the full cache.",
+        help="compare strategies on the shipped reference VLM with a multi-image prompt (no download)",
+        description="Compress a multi-image context under several strategies on the shipped reference VLM (a tiny "
+        "trained LLaVA); print KV memory before/after, whether held-out questions are still answered right, decode "
+        "ms/token and fidelity to the full cache.",
         epilog=DEMO_EPILOG,
         formatter_class=_FORMATTER,
     )
@@ -287,11 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.8,
         help="compression ratio: fraction of the prompt's cache entries removed (default: 0.8)",
     )
-    demo.add_argument("--images", type=_positive_int, default=8, help="pictures in the prompt (default: 8)")
+    demo.add_argument(
+        "--images",
+        type=_image_count,
+        default=8,
+        help="images in the context, 1 to 16 (default: 8; the shipped model was trained on up to 12)",
+    )
     demo.add_argument(
         "--new-tokens", type=_at_least_two, default=32, help="tokens generated per strategy (default: 32)"
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the model weights and the prompt (default: 0)")
+    demo.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="which held-out context and questions (default: 0)"
+    )
+    demo.add_argument(
+        "--model", metavar="DIR", default=None, help="a reference checkpoint directory (default: the shipped one)"
+    )
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.add_argument(
         "--quiet", action="store_true", help="no progress messages or explanations: the table and a one-line caveat"
@@ -323,10 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     bench = commands.add_parser(
-        "bench", help="benchmarks: fidelity to the full cache", epilog=BENCH_EPILOG, formatter_class=_FORMATTER
+        "bench",
+        help="benchmarks: answer accuracy on the reference VLM, fidelity to the full cache",
+        epilog=BENCH_EPILOG,
+        formatter_class=_FORMATTER,
     )
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="<benchmark>", parser_class=_Parser)
-    bench.set_defaults(handler=lambda args: bench.error("choose a benchmark: fidelity"))
+    bench.set_defaults(handler=lambda args: bench.error("choose a benchmark: accuracy, fidelity"))
+    from kvpress_mm.bench import accuracy as accuracy_bench
+
+    accuracy = benchmarks.add_parser(
+        "accuracy",
+        help="task x strategy x ratio: answer accuracy of the reference VLM on held-out prompts; JSON, PNG, table",
+        description="Measure how often the reference VLM still answers held-out multi-image questions right when "
+        "each strategy compresses its cache, per task kind and compression ratio.",
+        epilog=accuracy_bench.EPILOG,
+        formatter_class=_FORMATTER,
+    )
+    accuracy_bench.add_arguments(accuracy)
+    accuracy.set_defaults(handler=_cmd_bench_accuracy)
     fidelity = benchmarks.add_parser(
         "fidelity",
         help="strategies x ratios: top-1 agreement, KL divergence, KV bytes, decode time; JSON, PNG, table",
@@ -350,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratios", type=_ratio_list, default=None, metavar="R1,R2", help="compression ratios (default: 0.5,0.75,0.9)"
     )
     fidelity.add_argument("--new-tokens", type=_at_least_two, default=16, help="tokens generated per run (default: 16)")
-    fidelity.add_argument("--seed", type=int, default=0, help="seed of the embedded model and built-in prompts")
+    fidelity.add_argument("--seed", type=int, default=0, help="seed of the built-in prompts (default: 0)")
     fidelity.add_argument(
         "--output", default="fidelity-results", metavar="DIR", help="where fidelity.json and fidelity.png go"
     )
@@ -527,6 +581,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         seed=args.seed,
         progress=None if args.quiet or args.json else _progress(args, "demo"),
+        checkpoint=_reference_dir(args.model) if args.model else None,
     )
     print(_dumps(result.to_dict()) if args.json else render(result, quiet=args.quiet))
     return 0
@@ -561,6 +616,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_dir(path: str) -> str:
+    """``--model`` of a command that takes a reference checkpoint: a one-line usage error if it holds none."""
+    from kvpress_mm.command_errors import UsageError
+    from kvpress_mm.models import check_model_dir
+
+    directory = check_model_dir(path)
+    if not (directory / "model.safetensors").is_file():
+        raise UsageError(f"'{path}' holds no model.safetensors: not a reference checkpoint")
+    return str(directory)
+
+
+# -- bench accuracy ------------------------------------------------------------------------
+
+
+def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from kvpress_mm.bench.accuracy import run_from_args
+
+    _prepare_runtime(args)
+    return run_from_args(args)
+
+
 # -- bench fidelity ------------------------------------------------------------------------
 
 
@@ -569,12 +645,20 @@ def _cmd_bench_fidelity(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from kvpress_mm.bench.fidelity import DEFAULT_RATIOS, DEFAULT_STRATEGIES, load_prompts, run_fidelity, runs_count
+    from kvpress_mm.bench.fidelity import (
+        DEFAULT_RATIOS,
+        DEFAULT_STRATEGIES,
+        load_prompts,
+        reference_prompts,
+        run_fidelity,
+        runs_count,
+    )
     from kvpress_mm.bench.fidelity import table as fidelity_table
     from kvpress_mm.command_errors import UsageError
     from kvpress_mm.compressor import Compressor
     from kvpress_mm.models import default_model, load_model, open_model_dir
     from kvpress_mm.prompts import builtin_prompts
+    from kvpress_mm.reference.model import has_task_vocabulary
     from kvpress_mm.tables import wrap
 
     _prepare_runtime(args)
@@ -584,19 +668,19 @@ def _cmd_bench_fidelity(args: argparse.Namespace) -> int:
         Compressor.from_name(name, compression_ratio=ratios[0])
     progress = _progress(args, "bench fidelity")
     files = open_model_dir(args.model) if args.model else None
-    multimodal = files.multimodal if files is not None else True  # the embedded model is a LLaVA
+    multimodal = files.multimodal if files is not None else True  # the reference VLM is a LLaVA
+    reference = files is None or has_task_vocabulary(files.tokenizer)  # it reads task prompts only
     if args.prompts:
         marker = (files.image_token if files is not None else None) or "<image>"
         prompts = load_prompts(args.prompts, marker)
         if not multimodal and any(prompt.images for prompt in prompts):
             raise UsageError(f"the prompt file has images but the model in '{args.model}' is text-only")
+    elif reference:
+        prompts = reference_prompts(count=args.num_prompts, seed=args.seed)
     else:
         prompts = builtin_prompts(multimodal, count=args.num_prompts, seed=args.seed)
-    progress(f"loading {args.model or 'the embedded model'} ...")
-    if files is not None:
-        loaded = load_model(files, device=args.device or _default_device(), dtype=args.dtype)
-    else:
-        loaded = default_model(seed=args.seed)
+    progress(f"loading {args.model or 'the reference VLM'} ...")
+    loaded = load_model(files, device=args.device or _default_device(), dtype=args.dtype) if files else default_model()
     with tqdm(
         total=runs_count(len(prompts), names, ratios),
         desc="fidelity",
@@ -627,7 +711,14 @@ def _cmd_bench_fidelity(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         if result.random_weights:
-            print(wrap("NOTE: RANDOM-WEIGHT embedded model: fidelity to the full cache, NOT answer quality."))
+            print(wrap("NOTE: RANDOM-WEIGHT model: fidelity to the full cache, NOT answer quality."))
+        elif reference and not args.prompts:
+            print(
+                wrap(
+                    "NOTE: the reference VLM on held-out task prompts: fidelity to the full cache along its "
+                    "continuation; `kvpress-mm bench accuracy` measures whether its answers stay right."
+                )
+            )
         print(wrap(f"model: {result.model}"))
         print(f"{len(prompts)} prompt(s), {result.new_tokens} tokens each; means over prompts:\n")
     print(fidelity_table(result))

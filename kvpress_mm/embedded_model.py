@@ -1,6 +1,9 @@
-"""The embedded tiny model: a random-weight LLaVA built in code, with its processor (no download).
+"""A random-weight tiny LLaVA built in code, with its processor (no download).
 
-``kvpress-mm demo`` and ``kvpress-mm bench fidelity`` (without ``--model``) run on it. It is
+The commands' default model is the trained reference VLM (:mod:`kvpress_mm.reference`); this
+one stays for what needs a LLaVA of any shape in seconds: the test suite writes it to disk
+(``save``) as a local model directory for ``kvpress-mm run`` and ``bench fidelity --model``,
+with bigger prompts (16 tokens per image, a general vocabulary) than the reference model's. It is
 a real ``LlavaForConditionalGeneration`` (CLIP vision tower, projector, Llama text decoder)
 with a real ``LlavaProcessor`` (a word-level tokenizer built from
 :data:`kvpress_mm.prompts.VOCABULARY` and the PIL CLIP image processor), so prompts go through

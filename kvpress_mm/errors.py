@@ -33,3 +33,11 @@ class InvalidPlanError(KVPressMMError, RuntimeError):
 
 class CompressorAlreadyActiveError(KVPressMMError, RuntimeError):
     """A compressor session is already active on this model."""
+
+
+class MissingCheckpointError(KVPressMMError, FileNotFoundError):
+    """The reference model's checkpoint directory holds no weights (``model.safetensors``).
+
+    The message says how to train one: ``python -m kvpress_mm.reference.train --out DIR``
+    (see the reference-model page of the docs).
+    """

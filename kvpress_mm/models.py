@@ -1,4 +1,4 @@
-"""Loading models for the commands (a local directory or the embedded default) and encoding prompts.
+"""Loading models for the commands (a local directory or the shipped reference VLM) and encoding prompts.
 
 Nothing is downloaded: a model directory is read with ``local_files_only=True`` (write one
 with ``model.save_pretrained(d)`` and ``processor.save_pretrained(d)``). Vision-language
@@ -11,7 +11,7 @@ become the placeholder tokens and ``pixel_values`` the model expects.
 from kvpress_mm.models import default_model, encode, load_model
 from kvpress_mm.prompts import Prompt
 
-loaded = load_model("path/to/llava")           # or default_model(): the embedded tiny model
+loaded = load_model("path/to/llava")           # or default_model(): the shipped reference VLM
 inputs = encode(loaded, Prompt.from_text("What is shown?", [image]))
 ```
 """
@@ -45,8 +45,8 @@ class LoadedModel:
         tokenizer: its tokenizer (the processor's, for a vision-language model).
         processor: its multimodal processor; ``None`` for a text-only model.
         description: one line saying what the model is.
-        source: the directory it was loaded from, or ``"embedded"``.
-        random_weights: True for the embedded random-weight model.
+        source: the directory it was loaded from, or ``"embedded"`` for a model built in code.
+        random_weights: True for a random-weight model built in code (tests' tiny models).
 
     """
 
@@ -88,17 +88,37 @@ def context_length(config: Any) -> int | None:
     return int(value) if value else None
 
 
-def default_model(seed: int = 0) -> LoadedModel:
-    """The model the commands use without ``--model``: today the embedded random-weight tiny LLaVA.
+def default_model(checkpoint: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """The model the commands use without ``--model``: the reference VLM shipped in the package.
 
-    To make a trained tiny reference model the default, return ``load_model(<its directory>)``
-    here instead.
+    A tiny LLaVA trained on synthetic multi-image tasks (:mod:`kvpress_mm.reference`), loaded
+    from ``checkpoint`` (default the shipped :data:`kvpress_mm.reference.CHECKPOINT_DIR`) with
+    :func:`load_model`; nothing is downloaded.
+
+    Raises:
+        kvpress_mm.errors.MissingCheckpointError: the directory has no ``model.safetensors``; the
+            message says how to train a checkpoint.
+        UsageError: the directory is not a loadable model.
+
     """
-    from kvpress_mm.embedded_model import EmbeddedModelConfig, build
+    from kvpress_mm.reference.model import require_checkpoint
 
-    config = EmbeddedModelConfig(seed=seed)
-    model, processor = build(config)
-    return LoadedModel(model, processor.tokenizer, processor, config.describe(), "embedded", random_weights=True)
+    directory = require_checkpoint(checkpoint)
+    loaded = load_model(directory)
+    loaded.description = f"the reference VLM from {directory}: {reference_description(loaded.model)}"
+    return loaded
+
+
+def reference_description(model: Any) -> str:
+    """One line on a reference model's shape (CLIP tower, tokens per image, text decoder, parameters)."""
+    config = model.config
+    vision, text = config.vision_config, config.get_text_config()
+    per_image = (vision.image_size // vision.patch_size) ** 2
+    return (
+        f"{type(model).__name__} trained on synthetic multi-image tasks (CLIP {vision.image_size} px / patch "
+        f"{vision.patch_size}, {per_image} tokens per image; Llama {text.num_hidden_layers} layers, hidden "
+        f"{text.hidden_size}, {text.num_key_value_heads} KV heads; {_parameters(model)} parameters)"
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -257,9 +277,7 @@ def load_model(
     if generation_config is not None and generation_config.pad_token_id is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         generation_config.pad_token_id = pad
-    description = (
-        f"{type(model).__name__} from {files.directory} ({files.model_type}, {_parameters(model)} parameters)"
-    )
+    description = f"{type(model).__name__} from {files.directory} ({files.model_type}, {_parameters(model)} parameters)"
     return LoadedModel(model, tokenizer, files.processor, description, str(files.directory))
 
 

@@ -6,8 +6,10 @@ A :class:`Prompt` is a sequence of parts, each a string or a PIL image, in readi
 "galleries": several synthetic pictures (coloured shapes on coloured backgrounds, drawn with
 PIL, nothing downloaded), each introduced by a sentence describing it, then a question about
 one of them. The vocabulary is small and plain English, so the same prompts work on the
-embedded tiny model (whose word-level tokenizer is built from :data:`VOCABULARY`) and on a
-real model.
+random-weight tiny LLaVA of :mod:`kvpress_mm.embedded_model` (whose word-level tokenizer is
+built from :data:`VOCABULARY`) and on a real model. (The reference VLM reads only its task
+language: ``kvpress-mm bench fidelity`` gives it held-out task prompts instead,
+:func:`kvpress_mm.bench.fidelity.reference_prompts`.)
 
 ```python
 from kvpress_mm.prompts import gallery_prompt
@@ -42,7 +44,7 @@ SHAPES = ("square", "circle", "triangle", "cross", "stripe")
 SIZES = ("small", "large")
 PLACES = ("left", "right", "top", "bottom", "center")
 
-#: Words the built-in prompts use; the embedded model's tokenizer vocabulary is built from it.
+#: Words the built-in prompts use; the random tiny LLaVA's tokenizer vocabulary is built from it.
 VOCABULARY: tuple[str, ...] = tuple(
     dict.fromkeys(
         [

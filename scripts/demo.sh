@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the main job: `kvpress-mm demo` on the embedded tiny random model.
+# Set up .venv if needed, then run the main job: `kvpress-mm demo` on the shipped reference VLM.
 #
 #   ./scripts/demo.sh                                  # every built-in strategy at ratio 0.8
 #   ./scripts/demo.sh --ratio 0.5 --strategies snapkv,lookm-pivotal

@@ -8,13 +8,14 @@ import pytest
 import torch
 from cli_fixtures import TINY, TINY_BYTES_PER_ENTRY, save_tiny_llava, write_images
 
-from kvpress_mm.bench.fidelity import load_prompts, run_fidelity, summarize
+from kvpress_mm.bench.fidelity import load_prompts, reference_prompts, run_fidelity, summarize
 from kvpress_mm.bench.metrics import fidelity, greedy_agreement, kl_per_step
 from kvpress_mm.cli import main
 from kvpress_mm.command_errors import UsageError
 from kvpress_mm.embedded_model import build
 from kvpress_mm.models import LoadedModel
 from kvpress_mm.prompts import gallery_prompt
+from kvpress_mm.reference.tasks import HELDOUT_SEED, heldout_prompts
 
 
 @pytest.fixture(autouse=True)
@@ -134,14 +135,18 @@ def test_bad_prompt_files_raise_one_clear_error(tmp_path, content, name, expecte
 # -- the command ---------------------------------------------------------------------------
 
 
-def test_bench_fidelity_writes_json_and_png_and_prints_a_table(capsys, tmp_path):
+def test_bench_fidelity_writes_json_and_png_and_prints_a_table(capsys, tmp_path, monkeypatch, reference_checkpoint):
+    # the default model is the shipped reference VLM: here an untrained one in its place
+    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", reference_checkpoint)
     code, out, err = run_cli(
-        capsys, "bench", "fidelity", "--strategies", "snapkv,h2o", "--ratios", "0.5,0.9", "--num-prompts", "1",
+        capsys, "bench", "fidelity", "--strategies", "snapkv,h2o", "--ratios", "0.5,0.9", "--num-prompts", "2",
         "--new-tokens", "3", "--output", tmp_path, "--threads", "1",
     )  # fmt: skip
     assert code == 0, err
     assert "fidelity" in err  # the progress bar, on stderr
-    assert "RANDOM-WEIGHT" in out
+    text = " ".join(out.split())
+    assert "NOTE: the reference VLM on held-out task prompts" in text and "RANDOM-WEIGHT" not in text
+    assert f"model: the reference VLM from {reference_checkpoint}" in text
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("strategy "))
     for column in ("ratio", "kept", "top-1", "KL", "greedy", "KV after KiB", "decode ms/tok"):
@@ -150,7 +155,8 @@ def test_bench_fidelity_writes_json_and_png_and_prints_a_table(capsys, tmp_path)
     assert [(r[0], r[1]) for r in rows] == [("full", "0"), ("h2o", "0.5"), ("snapkv", "0.5"), ("h2o", "0.9"),
                                              ("snapkv", "0.9")]  # fmt: skip
     data = json.loads((tmp_path / "fidelity.json").read_text())
-    assert data["random_weights"] is True and data["new_tokens"] == 3
+    assert data["random_weights"] is False and data["new_tokens"] == 3
+    assert [r["prompt"] for r in data["references"]] == ["lookup-1", "retrieve-2"]  # held-out task prompts
     assert {(s["strategy"], s["compression_ratio"]) for s in data["summary"]} == {
         ("snapkv", 0.5), ("snapkv", 0.9), ("h2o", 0.5), ("h2o", 0.9)
     }  # fmt: skip
@@ -159,6 +165,33 @@ def test_bench_fidelity_writes_json_and_png_and_prints_a_table(capsys, tmp_path)
                             "decode_ms_per_token", "kept_fraction"}  # fmt: skip
         assert row["kept_fraction"] < 0.6
     assert (tmp_path / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_fidelity_on_a_random_model_says_so(capsys, tmp_path):
+    model = save_tiny_llava(tmp_path / "llava")
+    code, out, err = run_cli(
+        capsys, "bench", "fidelity", "--model", model, "--strategies", "streaming", "--ratios", "0.5",
+        "--num-prompts", "1", "--new-tokens", "2", "--output", tmp_path / "out", "--no-plot",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "reference VLM" not in out  # another model: the built-in gallery prompts
+    data = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    assert data["references"][0]["prompt"] != "lookup-1"
+
+
+def test_reference_prompts_are_heldout_task_prompts_with_pil_images():
+    prompts = reference_prompts(count=5, seed=0)
+    assert [p.name for p in prompts] == ["lookup-1", "retrieve-2", "count-3", "needle-4", "lookup-5"]
+    assert all(len(p.images) == 8 and p.images[0].size == (28, 28) for p in prompts)
+    assert prompts[0].text_with("<image>") == heldout_prompts(8, 1, seed=HELDOUT_SEED)[0].text
+    assert reference_prompts(count=1, seed=1)[0].text_with("<image>") != prompts[0].text_with("<image>")
+
+
+def test_bench_fidelity_without_the_shipped_checkpoint_says_how_to_train_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
+    code, out, err = run_cli(capsys, "bench", "fidelity", "--output", tmp_path / "out", "--quiet")
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "python -m kvpress_mm.reference.train" in err
 
 
 def test_bench_fidelity_json_and_quiet_on_a_local_model_with_a_prompt_file(capsys, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_fixtures import save_tiny_llava
 
 from kvpress_mm import list_strategies
 from kvpress_mm.cli import main
@@ -128,43 +129,54 @@ def test_strategies_shows_an_installed_plugin(tmp_path: Path):
 
 # -- demo --------------------------------------------------------------------------------
 
-# the embedded model: 4 layers x (keys + values) x 2 KV heads x head_dim 32 x 4 bytes (float32) per entry
-BYTES_PER_ENTRY = 4 * 2 * 2 * 32 * 4
+# the reference model: 3 layers x (keys + values) x 4 KV heads x head_dim 24 x 4 bytes (float32) per entry
+BYTES_PER_ENTRY = 3 * 2 * 4 * 24 * 4
 
 
-def test_demo_prints_the_table_and_says_the_model_is_random(capsys):
-    code, out, err = run_cli(capsys, *TINY_DEMO, "--strategies", "snapkv,lookm-pivotal")
+@pytest.fixture
+def demo_argv(reference_checkpoint: Path) -> list[str]:
+    """A fast demo on an (untrained) reference checkpoint: 2 images, 3 tokens."""
+    return [*TINY_DEMO, "--model", str(reference_checkpoint)]
+
+
+def test_demo_prints_the_table_and_the_questions(capsys, demo_argv):
+    code, out, err = run_cli(capsys, *demo_argv, "--strategies", "snapkv,lookm-pivotal")
     assert code == 0, err
     text = " ".join(out.split())  # paragraphs are wrapped
-    assert "RANDOM-WEIGHT" in text and "does NOT show answer quality" in text
-    assert "prompt: 2 pictures (32 image tokens)" in text  # 56 px / patch 14 = 16 tokens per picture
+    assert "reference VLM" in text and "its answers are right or wrong" in text
+    assert "prompt: a held-out context of 2 images of 2x2 coloured cells (8 image tokens)" in text  # 4 per image
+    assert "questions (the right answer after each arrow): colour " in text
+    assert "the full cache continues the context with:" in text
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("strategy "))
-    for column in ("KV before KiB", "KV after KiB", "decode ms/tok", "top-1", "KL", "greedy"):
+    header = next(i for i, line in enumerate(lines) if line.startswith("strategy  "))
+    for column in ("KV before KiB", "KV after KiB", "decode ms/tok", "answers", "top-1", "KL", "greedy"):
         assert column in lines[header]
     rows = [line.split() for line in lines[header + 2 : header + 5]]
     assert [r[0] for r in rows] == ["full", "snapkv", "lookm-pivotal"]  # full first, as the reference
     assert rows[0][3] == "100%" and rows[0][-3:] == ["100%", "0.000", "100%"]
-    assert rows[1][3] in ("19%", "20%") and rows[2][3] in ("19%", "20%")  # int(L * 0.2) of L entries
+    assert 10 <= int(rows[1][3].rstrip("%")) <= 20 and rows[2][3] == rows[1][3]  # int(L * 0.2) of L entries
+    assert all(row[6].endswith("/12") for row in rows)  # 3 questions per task kind
     assert "running snapkv" in err  # progress on stderr, not in the table
 
 
-def test_demo_quiet_prints_only_the_table_and_a_caveat(capsys):
-    code, out, err = run_cli(capsys, *TINY_DEMO, "--strategies", "streaming", "--quiet")
+def test_demo_quiet_prints_only_the_table_and_a_caveat(capsys, demo_argv):
+    code, out, err = run_cli(capsys, *demo_argv, "--strategies", "streaming", "--quiet")
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].startswith("strategy ") and len(lines) == 5
-    assert "random-weight model" in lines[-1] and "NOT answer quality" in lines[-1]
+    assert "kvpress-mm bench accuracy" in lines[-1]
     assert err == ""
 
 
-def test_demo_json_reports_memory_speed_and_fidelity(capsys):
-    code, out, _ = run_cli(capsys, *TINY_DEMO, "--strategies", "h2o,snapkv", "--ratio", "0.5", "--json")
+def test_demo_json_reports_memory_answers_speed_and_fidelity(capsys, demo_argv):
+    code, out, _ = run_cli(capsys, *demo_argv, "--strategies", "h2o,snapkv", "--ratio", "0.5", "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["random_weights"] is True and "RANDOM-WEIGHT" in result["note"]
-    assert (result["n_images"], result["image_tokens"], result["new_tokens"]) == (2, 32, 3)
+    assert "reference VLM" in result["note"] and "random_weights" not in result
+    assert (result["n_images"], result["image_tokens"], result["new_tokens"]) == (2, 8, 3)
     assert result["compression_ratio"] == 0.5
+    questions = result["questions"]
+    assert len(questions) == 12 and [q["kind"] for q in questions[::3]] == ["lookup", "retrieve", "count", "needle"]
     length = result["prompt_tokens"]
     rows = {row["strategy"]: row for row in result["rows"]}
     assert list(rows) == ["full", "h2o", "snapkv"]
@@ -173,6 +185,9 @@ def test_demo_json_reports_memory_speed_and_fidelity(capsys):
     full = rows["full"]
     assert full["kv_bytes_after"] == prompt_bytes
     assert (full["top1_agreement"], full["kl"], full["greedy_agreement"], full["matching_prefix"]) == (1, 0, 1, 3)
+    for row in rows.values():
+        assert len(row["answers"]) == 12
+        assert row["correct"] == sum(a == q["expected"] for a, q in zip(row["answers"], questions))
     for name in ("h2o", "snapkv"):
         row = rows[name]
         assert row["kv_bytes_after"] == BYTES_PER_ENTRY * (length // 2)
@@ -186,12 +201,48 @@ def test_demo_json_reports_memory_speed_and_fidelity(capsys):
     assert rows["h2o"]["kv_bytes_end"] == BYTES_PER_ENTRY * (length // 2)
 
 
-def test_demo_at_ratio_zero_changes_nothing(capsys):
-    code, out, _ = run_cli(capsys, *TINY_DEMO, "--strategies", "snapkv,lookm-pivotal", "--ratio", "0", "--json")
+def test_demo_at_ratio_zero_changes_nothing(capsys, demo_argv):
+    code, out, _ = run_cli(capsys, *demo_argv, "--strategies", "snapkv,lookm-pivotal", "--ratio", "0", "--json")
     assert code == 0
-    for row in json.loads(out)["rows"]:
+    result = json.loads(out)
+    full = result["rows"][0]
+    for row in result["rows"]:
         assert row["kv_bytes_after"] == row["kv_bytes_before"]
         assert row["kl"] == 0.0 and row["top1_agreement"] == 1.0 and row["greedy_agreement"] == 1.0
+        assert row["answers"] == full["answers"]
+
+
+def test_demo_seed_picks_another_heldout_context(capsys, demo_argv):
+    outputs = []
+    for seed in ("0", "1"):
+        code, out, _ = run_cli(capsys, *demo_argv, "--strategies", "streaming", "--seed", seed, "--json")
+        assert code == 0
+        outputs.append(json.loads(out)["questions"])
+    assert outputs[0] != outputs[1]
+
+
+def test_demo_without_the_shipped_checkpoint_says_how_to_train_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
+    code, out, err = run_cli(capsys, *TINY_DEMO, "--quiet")
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("kvpress-mm demo: error: no reference checkpoint")
+    assert "python -m kvpress_mm.reference.train" in err
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("none", "model directory '{tmp}/none' does not exist"),
+        ("empty", "'{tmp}/empty' holds no config.json"),
+        ("llava", "the demo needs the reference model"),
+    ],
+)
+def test_demo_refuses_a_directory_that_is_not_a_reference_checkpoint(capsys, tmp_path, model, expected):
+    save_tiny_llava(tmp_path / "llava")
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, *TINY_DEMO, "--model", str(tmp_path / model), "--quiet")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and expected.format(tmp=tmp_path) in err, err
 
 
 # -- errors and help ---------------------------------------------------------------------
@@ -217,7 +268,9 @@ def test_unknown_strategy_exits_nonzero_with_one_line_and_suggestions(capsys):
         (["demo", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["run", "--prompt", "hi", "--strategy", "snapkv"], "the following arguments are required: --model"),
         (["run", "--model", "m", "--prompt", "hi", "--strategy", "h2o", "--set", "window"], "expected key=value"),
-        (["bench"], "choose a benchmark: fidelity"),
+        (["bench"], "choose a benchmark: accuracy, fidelity"),
+        (["demo", "--images", "17"], "expected at most 16 images"),
+        (["demo", "--seed", "-1"], "expected a number of at least 0"),
         (["bench", "fidelity", "--ratios", "0.5,2"], "the compression ratio must be in [0, 1)"),
         (["eval"], "choose an evaluation: milebench"),
         (["eval", "milebench", "--model", "m"], "the following arguments are required: --data"),
@@ -234,7 +287,18 @@ def test_bad_command_lines_exit_2_with_one_line(capsys, argv, expected):
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["strategies"], ["demo"], ["run"], ["bench"], ["bench", "fidelity"], ["eval"], ["eval", "milebench"]]
+    "argv",
+    [
+        [],
+        ["strategies"],
+        ["demo"],
+        ["run"],
+        ["bench"],
+        ["bench", "accuracy"],
+        ["bench", "fidelity"],
+        ["eval"],
+        ["eval", "milebench"],
+    ],
 )
 def test_every_command_has_help_with_examples(capsys, argv):
     code, out, _ = run_cli(capsys, *argv, "--help")

@@ -7,16 +7,16 @@ the reference continuation (its next-token distributions are compared: top-1 agr
 KL divergence). See :mod:`kvpress_mm.bench.metrics` for the exact definitions. Results are
 per prompt (:class:`FidelityRecord`) and averaged over prompts (:class:`FidelitySummary`).
 
-Prompts are the built-in set (:func:`kvpress_mm.prompts.builtin_prompts`: picture galleries for
-a vision-language model, fact lists for a text model) or a file (:func:`load_prompts`).
+Prompts are held-out task prompts for the reference VLM (:func:`reference_prompts`), the
+built-in set for any other model (:func:`kvpress_mm.prompts.builtin_prompts`: picture galleries
+for a vision-language model, fact lists for a text model), or a file (:func:`load_prompts`).
 
 ```python
-from kvpress_mm.bench.fidelity import run_fidelity
+from kvpress_mm.bench.fidelity import reference_prompts, run_fidelity
 from kvpress_mm.models import default_model
-from kvpress_mm.prompts import builtin_prompts
 
-loaded = default_model()
-result = run_fidelity(loaded, builtin_prompts(True, count=2), ["snapkv", "h2o"], [0.5, 0.9], new_tokens=8)
+loaded = default_model()  # the reference VLM shipped in the package
+result = run_fidelity(loaded, reference_prompts(count=2), ["snapkv", "h2o"], [0.5, 0.9], new_tokens=8)
 for row in result.summary:
     print(row.strategy, row.compression_ratio, row.kl, row.top1_agreement)
 ```
@@ -253,6 +253,25 @@ def runs_count(n_prompts: int, strategies: Sequence[str], ratios: Sequence[float
     """How many ``on_step`` calls :func:`run_fidelity` makes (for a progress bar's total)."""
     names = [name for name in dict.fromkeys(strategies) if name != "full"]
     return n_prompts * (1 + len(names) * len(ratios))
+
+
+# -- prompts -------------------------------------------------------------------------------
+
+
+def reference_prompts(count: int = 4, seed: int = 0, n_images: int = 8) -> list[Prompt]:
+    """Held-out task prompts for the reference VLM: ``count`` contexts of ``n_images`` images, one question each.
+
+    The question kinds cycle through :data:`~kvpress_mm.reference.tasks.TASK_KINDS`; the images
+    are PIL images, so the prompts go through the model's processor like any others. ``seed``
+    picks other contexts (all from held-out seeds, never used in training).
+    """
+    from kvpress_mm.reference.render import to_prompt
+    from kvpress_mm.reference.tasks import HELDOUT_SEED, TASK_KINDS, heldout_prompts
+
+    tasks = heldout_prompts(n_images, contexts=count, seed=HELDOUT_SEED + seed)
+    per_context = len(TASK_KINDS)
+    picked = [tasks[i * per_context + i % per_context] for i in range(count)]
+    return [to_prompt(p, name=f"{p.kind}-{i + 1}") for i, p in enumerate(picked)]
 
 
 # -- prompt files --------------------------------------------------------------------------
