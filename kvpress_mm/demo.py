@@ -208,7 +208,7 @@ def _answers(model: Any, compressor: Compressor, prompts: Sequence[TaskPrompt]) 
 
 def run_demo(
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
-    compression_ratio: float = 0.8,
+    compression_ratio: float = 0.5,
     n_images: int = 8,
     new_tokens: int = 32,
     seed: int = 0,

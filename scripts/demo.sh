@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv if needed, then run the main job: `kvpress-mm demo` on the shipped reference VLM.
 #
-#   ./scripts/demo.sh                                  # every built-in strategy at ratio 0.8
+#   ./scripts/demo.sh                                  # every built-in strategy at ratio 0.5
 #   ./scripts/demo.sh --ratio 0.5 --strategies snapkv,lookm-pivotal
 #
 # Arguments are passed to `kvpress-mm demo` (see `kvpress-mm demo --help`).

@@ -154,7 +154,7 @@ def test_demo_prints_the_table_and_the_questions(capsys, demo_argv):
     rows = [line.split() for line in lines[header + 2 : header + 5]]
     assert [r[0] for r in rows] == ["full", "snapkv", "lookm-pivotal"]  # full first, as the reference
     assert rows[0][3] == "100%" and rows[0][-3:] == ["100%", "0.000", "100%"]
-    assert 10 <= int(rows[1][3].rstrip("%")) <= 20 and rows[2][3] == rows[1][3]  # int(L * 0.2) of L entries
+    assert 40 <= int(rows[1][3].rstrip("%")) <= 50 and rows[2][3] == rows[1][3]  # int(L * 0.5) of L entries
     assert all(row[6].endswith("/12") for row in rows)  # 3 questions per task kind
     assert "running snapkv" in err  # progress on stderr, not in the table
 
