@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,10 +36,20 @@ class Compressor(BaseModel):
         compression_ratio: fraction of the prompt's cache entries removed, ``0 <= r < 1``.
             Each row keeps ``int(L * (1 - r))`` (at least 1) of its ``L`` prompt entries, per
             layer and KV head. ``0`` leaves cache and output bit-identical.
+        needs_accumulated_attention: class-level flag (not a config field). ``True`` declares
+            that :meth:`plan` reads the all-query column sums
+            (``layer.accumulated_attention()`` / ``accumulated_attention_per_head()``); the
+            session then computes each layer's prefill attention itself, in query chunks that
+            yield the attention output and the column sums from the same softmax, instead of
+            the model's attention followed by a second pass over the prompt. It is only an
+            optimisation: without it the sums are computed lazily on first use, with the same
+            result. Built-in ``h2o`` and the LOOK-M strategies set it; plugins may too.
 
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    needs_accumulated_attention: ClassVar[bool] = False
 
     compression_ratio: float = Field(
         default=0.5, ge=0.0, lt=1.0, allow_inf_nan=False, description="Fraction of prompt entries removed."

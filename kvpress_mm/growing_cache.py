@@ -8,15 +8,17 @@ On a long prompt that copy, not attention, dominates the decode step.
 :class:`GrowingLayer` keeps each of its keys and values in a buffer
 ``[batch, kv_heads, capacity, head_dim]`` and writes new entries into the free tail; when the
 tail is full it reallocates to ``max(needed + headroom, growth * capacity)``, so appends cost
-O(1) amortized. ``layer.keys`` / ``layer.values`` are views of the filled part
-``[batch, kv_heads, seq, head_dim]`` - exactly what a ``DynamicLayer`` holds, so attention,
+O(1) amortized (for a layer adopted from a compressed cache, the growth applies to the
+appended entries only, not to the adopted prompt entries). ``layer.keys`` / ``layer.values``
+are views of the filled part ``[batch, kv_heads, seq, head_dim]`` - exactly what a ``DynamicLayer`` holds, so attention,
 masks, ``get_seq_length`` and every transformers cache method see the same thing. Assigning
 ``layer.keys = tensor`` (cache surgery, beam search's ``reorder_cache``, ``crop``) copies into
 the buffer when it fits and is not oversized, and reallocates otherwise, so shrinking a
 cache still releases its memory.
 
-The compressor session moves every layer it compresses into a ``GrowingLayer`` with a little
-headroom (``compressor(model, growing_cache=False)`` keeps ``DynamicLayer``); for an
+The compressor session moves every layer it compresses into a ``GrowingLayer`` whose storage is
+exactly the kept entries; the first decode step reallocates once with a little headroom
+(``compressor(model, growing_cache=False)`` keeps ``DynamicLayer``); for an
 uncompressed run, :func:`growing_dynamic_cache` builds a ``DynamicCache`` of growing layers:
 
 ```python
@@ -81,6 +83,7 @@ class GrowingLayer(DynamicLayer):
         self._key_length = 0  # filled entries of each buffer
         self._value_length = 0
         self._empty: torch.Tensor | None = None  # what `keys` is once initialized and still empty
+        self._base = 0  # entries adopted at construction: growth is geometric in the entries beyond them
 
     # -- construction --------------------------------------------------------------------
 
@@ -101,12 +104,20 @@ class GrowingLayer(DynamicLayer):
 
     @classmethod
     def adopt(
-        cls, layer: DynamicLayer, headroom: int = DEFAULT_HEADROOM, growth: float = DEFAULT_GROWTH
+        cls,
+        layer: DynamicLayer,
+        headroom: int = DEFAULT_HEADROOM,
+        growth: float = DEFAULT_GROWTH,
+        exact: bool = False,
     ) -> GrowingLayer:
         """Turn a plain ``DynamicLayer`` into a ``GrowingLayer`` in place; its entries are copied into a buffer.
 
         The object stays the same (``cache.layers[i]`` and any other reference to it remain
-        valid); only its class and storage change. Returns ``layer``.
+        valid); only its class and storage change. The adopted entries are the layer's *base*:
+        later growth is geometric in the entries appended after them, never in the base, so
+        a long compressed prompt is not doubled in memory by a short generation. With
+        ``exact``, the buffer holds exactly the adopted entries (no headroom until the first
+        append, which reallocates once to ``needed + headroom``). Returns ``layer``.
         """
         if type(layer) is not DynamicLayer:
             raise TypeError(f"only a plain DynamicLayer can become a GrowingLayer, not a {type(layer).__name__}")
@@ -117,8 +128,13 @@ class GrowingLayer(DynamicLayer):
         layer._setup(headroom, growth)
         if layer.is_initialized and keys is not None and values is not None:
             layer._empty = torch.tensor([], dtype=keys.dtype, device=keys.device)
+            if exact:
+                layer.headroom = 0
             layer.keys = keys
             layer.values = values
+            layer.headroom = int(headroom)
+            if keys.dim() == 4:
+                layer._base = int(keys.shape[-2])
         return layer
 
     # -- the filled part, as plain tensors ----------------------------------------------
@@ -192,7 +208,8 @@ class GrowingLayer(DynamicLayer):
     # -- buffer management ------------------------------------------------------------------
 
     def _capacity_for(self, needed: int, current: int = 0) -> int:
-        grown = math.ceil(current * self.growth) if current else 0
+        base = min(self._base, current)
+        grown = base + math.ceil((current - base) * self.growth) if current else 0
         return max(needed + self.headroom, grown)
 
     def _allocate(

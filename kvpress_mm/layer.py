@@ -26,6 +26,11 @@ class LayerView:
         state: a dict that lives with this layer's cache for the rest of the generation;
             strategies that act while decoding (``h2o``) keep their statistics here.
 
+    The constructor's optional ``accumulated_attention_per_head`` (``[batch, heads, seq]``
+    float32) provides :meth:`accumulated_attention_per_head` precomputed: the session passes
+    the column sums its fused prefill attention produced for strategies that declare
+    ``needs_accumulated_attention``.
+
     In a left-padded batch, ``seq`` is the padded length and each row's real entries are its
     last ``prompt_lengths[b]`` positions. Attention statistics are computed on first use and
     cached on the view, in float32, in query chunks (never a ``[heads, seq, seq]`` matrix).
@@ -61,6 +66,7 @@ class LayerView:
         modality: torch.Tensor,
         n_keep: tuple[int, ...],
         state: dict[str, Any] | None = None,
+        accumulated_attention_per_head: torch.Tensor | None = None,
     ) -> None:
         self.layer_idx = layer_idx
         self.keys = keys
@@ -73,6 +79,9 @@ class LayerView:
         self.key_valid = modality != Modality.PADDING  # [B, P]
         self.prompt_lengths = tuple(int(n) for n in self.key_valid.sum(-1).tolist())
         self._cache: dict[Any, torch.Tensor] = {}
+        if accumulated_attention_per_head is not None:
+            # already computed with the prefill attention (the session's fused path)
+            self._cache[("accumulated", 0)] = accumulated_attention_per_head
 
     @property
     def batch_size(self) -> int:

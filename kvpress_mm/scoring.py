@@ -6,12 +6,15 @@ All statistics are float32 whatever the model dtype (bf16 scores collapse into t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-# Upper bound on the float32 logits of one query chunk. Small enough that the compression
-# step's peak memory stays close to the prefill's own, large enough for efficient matmuls.
-CHUNK_BYTES = 8 * 2**20
+# Upper bound on the float32 logits of one query chunk (of one batch row and KV head). Small
+# enough that the compression step's peak memory stays close to the prefill's own and that the
+# passes over a chunk mostly hit the CPU's caches, large enough for efficient matmuls.
+CHUNK_BYTES = 4 * 2**20
 
 
 def _grouped_queries(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -40,6 +43,108 @@ def _query_chunks(query_start: int, length: int, budget: int) -> list[tuple[int,
     return chunks
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One block of causal softmax probabilities (see :class:`_CausalSoftmaxChunks`)."""
+
+    row: int  # batch row
+    head: int  # KV head: query heads ``head * groups ... head * groups + groups - 1``
+    start: int  # first query
+    end: int  # last query + 1; the block sees keys ``first ... end - 1``
+    first: int  # the row's first real key: earlier keys are left padding, never seen
+    probs: torch.Tensor  # [groups, end - start, end - first] float32
+
+
+class _CausalSoftmaxChunks:
+    """The causal softmax probabilities of a prompt's queries, one block at a time.
+
+    Iterating yields a :class:`_Block` per batch row, query chunk and KV head: the
+    probabilities of the chunk's queries (all query heads of that KV head) over the keys they
+    see. Every block lives in one reused buffer of at most ``chunk_bytes`` (a block's
+    probabilities are valid until the next block is produced); chunks get as many query rows
+    as fit, so later chunks (wider) get fewer rows. A chunk fitting in the CPU's caches
+    makes the passes over it (logits, softmax, column sums, ``probs @ V``) cheaper.
+
+    Each block is one matmul for the logits, the causal mask on the chunk's diagonal block
+    only (earlier keys are all visible), and an in-place softmax. A row's left padding (keys
+    before its first real key) is skipped, not masked: its queries see no key and get no
+    block. Padding keys after the first real one (never made by the session, which refuses
+    them) are masked.
+    """
+
+    def __init__(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        scaling: float,
+        key_valid: torch.Tensor,
+        query_start: int,
+        chunk_bytes: int,
+    ) -> None:
+        # statistics for a discrete selection: no gradient (and out= buffers refuse autograd)
+        queries, keys = queries.detach(), keys.detach()
+        b, hq, p, _ = queries.shape
+        self.queries, self.scaling, self.key_valid = queries, scaling, key_valid
+        self.kv_heads = int(keys.shape[1])
+        self.groups = hq // self.kv_heads
+        budget = max(1, chunk_bytes // (4 * self.groups))  # logits per query head of one block
+        has_key = key_valid.any(-1).tolist()
+        firsts = key_valid.int().argmax(-1).tolist()  # the first True of each row
+        # per batch row: (first real key, padding after it?, query chunks)
+        self.plans: list[tuple[int, bool, list[tuple[int, int]]]] = []
+        for row in range(b):
+            if not has_key[row]:
+                self.plans.append((p, False, []))
+                continue
+            first = int(firsts[row])
+            holes = not bool(key_valid[row, first:].all())
+            chunks = _query_chunks(max(query_start, first) - first, p - first, budget)
+            self.plans.append((first, holes, [(start + first, end + first) for start, end in chunks]))
+        blocks = [(first, start, end) for first, _, chunks in self.plans for start, end in chunks]
+        self.max_rows = max((end - start for _, start, end in blocks), default=0)
+        if not blocks:
+            return
+        self.keys_t = keys.float().transpose(-1, -2)  # [B, kvH, D, P]
+        largest = max(self.groups * (end - start) * (end - first) for first, start, end in blocks)
+        self.buffer = torch.empty(largest, dtype=torch.float32, device=queries.device)
+        self.future_keys = torch.ones(self.max_rows, self.max_rows, dtype=torch.bool, device=queries.device).triu_(1)
+
+    def __iter__(self) -> Iterator[_Block]:
+        d = self.queries.shape[-1]
+        kvh, groups = self.kv_heads, self.groups
+        # finite, so that no row can get NaN; exp underflows to 0
+        masked = torch.finfo(torch.float32).min
+        for row, (first, holes, chunks) in enumerate(self.plans):
+            for start, end in chunks:
+                rows, width = end - start, end - first
+                q = (self.queries[row, :, start:end].float() * self.scaling).reshape(kvh, groups * rows, d)
+                for head in range(kvh):
+                    logits = self.buffer[: groups * rows * width].view(groups * rows, width)
+                    torch.matmul(q[head], self.keys_t[row, head, :, first:end], out=logits)
+                    logits = logits.view(groups, rows, width)
+                    # causal: queries < end see keys < end only, and inside the chunk no key after themselves
+                    logits[..., start - first :].masked_fill_(self.future_keys[:rows, :rows], masked)
+                    if holes:
+                        logits.masked_fill_(~self.key_valid[row, first:end], masked)
+                    # in place (ATen's softmax.out, row by row): no second chunk-sized buffer
+                    probs = torch._softmax(logits, -1, False, out=logits)
+                    yield _Block(row, head, start, end, first, probs)
+
+
+def _counted_queries(key_valid: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
+    """``[B, P]`` float: 1 for a query that is valid and sees at least one real key (itself or an earlier one)."""
+    return (query_valid & (key_valid.cumsum(-1) > 0)).float()
+
+
+def _add_column_sums(sums: torch.Tensor, counted: torch.Tensor, block: _Block) -> None:
+    """Add the counted queries of ``block`` to ``sums`` ``[B, kvH, groups, P]``."""
+    groups, rows, _ = block.probs.shape
+    # queries that do not count get weight 0 (their probabilities are finite)
+    weight = counted[block.row, None, None, block.start : block.end].expand(groups, 1, rows)
+    target = sums[block.row, block.head].view(groups, 1, -1)[..., block.first : block.end]
+    target.baddbmm_(weight, block.probs)
+
+
 def attention_column_sums(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -51,12 +156,13 @@ def attention_column_sums(
 ) -> torch.Tensor:
     """Sum over queries ``i >= query_start`` of the causal softmax probabilities ``A[h, i, j]``.
 
-    Query rows are processed in chunks, each in one reused buffer of at most ``chunk_bytes``:
-    one matmul for the logits (keys up to the chunk's last query only), the causal mask on the
-    chunk's diagonal block only (earlier keys are all visible), the padding mask only when
-    there is padding, an in-place softmax, and one matmul that adds up the rows that count.
-    Chunks get as many rows as fit (later rows see more keys), so a full prompt takes about
-    ``2 * B * Hq * P**2 / chunk_bytes`` chunks (128 for 8 heads and 8k tokens at 8 MiB).
+    Query rows are processed in chunks, per batch row and KV head, each in one reused buffer
+    of at most ``chunk_bytes``: one matmul for the logits (keys from the row's first real one
+    up to the chunk's last query only), the causal mask on the chunk's diagonal block only
+    (earlier keys are all visible), an in-place softmax, and one matmul that adds up the
+    queries that count. Chunks get as many rows as fit (later rows see more keys), so a full
+    prompt takes about ``2 * B * Hq * P**2 / chunk_bytes`` blocks (256 for 8 query heads and
+    8k tokens at 4 MiB).
 
     Args:
         queries: ``[B, Hq, P, D]`` post-RoPE queries of the prompt.
@@ -65,47 +171,78 @@ def attention_column_sums(
         key_valid: ``[B, P]`` bool, False for padding keys (they get zero probability).
         query_valid: ``[B, P]`` bool, False for queries that do not count (padding).
         query_start: first query position that counts (SnapKV's observation window).
-        chunk_bytes: bound on one chunk's float32 logits.
+        chunk_bytes: bound on one block's float32 logits.
 
     Returns:
         ``[B, Hq, P]`` float32 column sums, per query head.
 
     """
-    b, hq, p, d = queries.shape
-    kvh = keys.shape[1]
+    b, hq, p, _ = queries.shape
+    kvh = int(keys.shape[1])
+    sums = torch.zeros(b, kvh, hq // kvh, p, dtype=torch.float32, device=queries.device)
+    counted = _counted_queries(key_valid, query_valid)
+    for block in _CausalSoftmaxChunks(queries, keys, scaling, key_valid, query_start, chunk_bytes):
+        _add_column_sums(sums, counted, block)
+    return sums.view(b, hq, p)
+
+
+def attention_with_column_sums(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor,
+    query_valid: torch.Tensor,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's causal attention output and, from the same probabilities, its column sums.
+
+    One pass over the blocks of :func:`attention_column_sums` (same chunks, same buffer, same
+    in-place softmax): each block's probabilities are multiplied by the values (``probs @ V``,
+    one matmul per block, the query heads of a KV group sharing its values without copies)
+    and added up into the column sums. This is the prefill attention of a layer whose
+    strategy needs the all-query statistics (``h2o``, LOOK-M), so they cost no second pass.
+    Inference only: no gradient flows to the inputs.
+
+    Args:
+        queries: ``[B, Hq, P, D]`` post-RoPE queries of the prompt.
+        keys: ``[B, kvH, P, D]`` post-RoPE keys of the prompt.
+        values: ``[B, kvH, P, Dv]``.
+        scaling: the attention module's softmax scale.
+        key_valid: ``[B, P]`` bool, False for padding keys (they get zero probability).
+        query_valid: ``[B, P]`` bool, False for queries that do not count in the sums (padding).
+        chunk_bytes: bound on one block's float32 logits.
+
+    Returns:
+        ``(output, sums)``: ``output`` ``[B, Hq, P, Dv]`` in the queries' dtype (computed in
+            float32), a transposed view of a contiguous ``[B, P, Hq, Dv]`` tensor (the layout
+            transformers' attention functions return); a query that sees no key at all (left
+            padding) gets zeros, as ``torch``'s SDPA gives it. ``sums`` ``[B, Hq, P]`` float32
+            are :func:`attention_column_sums` over all queries, bit for bit.
+
+    """
+    b, hq, p, _ = queries.shape
+    kvh, dv = int(keys.shape[1]), int(values.shape[-1])
     groups = hq // kvh
-    out = torch.zeros(b, kvh * groups, p, dtype=torch.float32, device=queries.device)
-    chunks = _query_chunks(query_start, p, max(1, chunk_bytes // (4 * b * hq)))
-    if not chunks:
-        return out
-    keys_t = keys.float().transpose(-1, -2)  # [B, kvH, D, P]
-    buffer = torch.empty(
-        max(b * hq * (end - start) * end for start, end in chunks), dtype=torch.float32, device=queries.device
-    )
-    # finite, so that a query that sees no key at all (left padding) gets no NaN; exp underflows to 0
-    masked = torch.finfo(torch.float32).min
-    padded = not bool(key_valid.all())
-    # a query counts if it is valid and sees at least one real key (itself or an earlier one)
-    counted = (query_valid & (key_valid.cumsum(-1) > 0) if padded else query_valid).float()
-    max_rows = max(end - start for start, end in chunks)
-    future_keys = torch.ones(max_rows, max_rows, dtype=torch.bool, device=queries.device).triu_(1)
-    for start, end in chunks:
-        rows = end - start
-        q = (queries[:, :, start:end].float() * scaling).reshape(b, kvh, groups * rows, d)
-        logits = buffer[: b * hq * rows * end].view(b, kvh, groups * rows, end)
-        torch.matmul(q, keys_t[..., :end], out=logits)
-        logits = logits.view(b, kvh, groups, rows, end)
-        # causal: queries < end see keys < end only, and inside the chunk no key after themselves
-        logits[..., start:end].masked_fill_(future_keys[:rows, :rows], masked)
-        if padded:
-            logits.masked_fill_(~key_valid[:, None, None, None, :end], masked)
-        # in place (ATen's softmax.out, row by row): no second chunk-sized buffer
-        probs = torch._softmax(logits, -1, False, out=logits)
-        # rows that do not count get weight 0 (their probabilities are finite)
-        weight = counted[:, None, start:end].expand(b, hq, rows).reshape(b * hq, 1, rows)
-        target = out.view(b * hq, 1, p)[..., :end]
-        target.baddbmm_(weight, probs.view(b * hq, rows, end))
-    return out
+    sums = torch.zeros(b, kvh, groups, p, dtype=torch.float32, device=queries.device)
+    output = torch.empty(b, p, hq, dv, dtype=queries.dtype, device=queries.device)
+    heads_first = output.transpose(1, 2)  # [B, Hq, P, Dv] view
+    counted = _counted_queries(key_valid, query_valid)
+    chunks = _CausalSoftmaxChunks(queries, keys, scaling, key_valid, 0, chunk_bytes)
+    for row, (first, _, _) in enumerate(chunks.plans):
+        # queries before the row's first real key see no key (left padding): zeros, like SDPA
+        heads_first[row, :, :first].zero_()
+    values_f = values.detach().float()
+    out_buffer = torch.empty(groups * chunks.max_rows * dv, dtype=torch.float32, device=queries.device)
+    for block in chunks:
+        _add_column_sums(sums, counted, block)
+        rows = block.end - block.start
+        block_out = out_buffer[: groups * rows * dv].view(groups * rows, dv)
+        probs = block.probs.view(groups * rows, block.end - block.first)
+        torch.matmul(probs, values_f[block.row, block.head, block.first : block.end], out=block_out)
+        heads = slice(block.head * groups, (block.head + 1) * groups)
+        heads_first[block.row, heads, block.start : block.end].copy_(block_out.view(groups, rows, dv))
+    return heads_first, sums.view(b, hq, p)
 
 
 def decode_attention(

@@ -11,9 +11,15 @@ the original, and three kinds of hooks are installed:
   right after the layer's attention has used the full prompt.
 
 The wrapper receives post-RoPE queries and the full keys of every model family, so strategies
-never re-implement RoPE. After compression it owns the attention mask of compressed layers:
-their cache columns no longer line up with the 2-D ``attention_mask`` generate keeps, so the
-mask is rebuilt from the kept slots' validity. Positions are untouched: generate derives them
+never re-implement RoPE. For strategies that declare ``needs_accumulated_attention`` (``h2o``,
+LOOK-M) the wrapper computes the prefill attention itself where that is exactly the model's
+function (:func:`_fusable`, :func:`_mask_is_causal_with_padding`):
+:func:`~kvpress_mm.scoring.attention_with_column_sums` yields the output and the all-query
+column sums from one softmax, and the sums seed the layer's view (no second pass).
+
+After compression the wrapper owns the attention mask of compressed layers: their cache
+columns no longer line up with the 2-D ``attention_mask`` generate keeps, so the mask is
+rebuilt from the kept slots' validity. Positions are untouched: generate derives them
 from the full 2-D mask, so decoding continues at the original absolute positions.
 
 What the session keeps per row of a compressed cache (slot validity, budgets, strategy state,
@@ -51,6 +57,7 @@ from kvpress_mm.errors import (
 from kvpress_mm.layer import DecodeView, LayerView
 from kvpress_mm.modality import Modality
 from kvpress_mm.plan import CompressionPlan
+from kvpress_mm.scoring import attention_with_column_sums
 
 if TYPE_CHECKING:
     from kvpress_mm.compressor import Compressor
@@ -61,6 +68,24 @@ GROWING_HEADROOM = 128
 WRAPPABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 
 AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
+
+#: Compute the prefill attention of strategies that need the all-query column sums with our
+#: chunked attention (output and sums from one softmax). Private switch: tests turn it off to
+#: compare with the lazy path (the model's attention, then a second pass for the sums).
+_FUSED_PREFILL = True
+#: Keyword arguments of the attention call that change its math when set (not None / not False):
+#: with any of them, the model's own attention runs and the sums are computed lazily.
+_MATH_CHANGING_KWARGS = (
+    "softcap",
+    "logit_softcapping",
+    "s_aux",
+    "sinks",
+    "position_bias",
+    "sliding_window",
+    "attention_chunk_size",
+    "head_mask",
+    "output_attentions",
+)
 
 _session_by_module: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
 _session_by_model: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
@@ -394,12 +419,116 @@ def _compressible(layer: Any) -> bool:
     return type(layer) is DynamicLayer or type(layer) is GrowingLayer
 
 
+def _fusable(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    modality: torch.Tensor,
+    wrapped: str,
+    kwargs: Mapping[str, Any],
+) -> bool:
+    """True when :func:`~kvpress_mm.scoring.attention_with_column_sums` computes what the original would.
+
+    That is plain scaled causal softmax attention over the whole prompt: inference (no
+    dropout, no gradient), an explicit ``scaling``, none of :data:`_MATH_CHANGING_KWARGS`,
+    no attention weights asked for, shapes of a prefill on an empty cache, and for ``eager``
+    the standard ``eager_attention_forward`` (the mask is checked separately).
+    """
+    if module.training or float(kwargs.get("dropout") or 0.0) != 0.0:
+        return False
+    if kwargs.get("scaling") is None:
+        return False
+    for name in _MATH_CHANGING_KWARGS:
+        setting = kwargs.get(name)
+        if setting is not None and setting is not False:
+            return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or not query.is_floating_point():
+        return False
+    b, hq, p, d = query.shape
+    kvh = int(key.shape[1])
+    if tuple(key.shape) != (b, kvh, p, d) or tuple(value.shape[:3]) != (b, kvh, p) or kvh == 0 or hq % kvh:
+        return False
+    if tuple(modality.shape) != (b, p):
+        return False
+    if wrapped == "eager":
+        return _is_standard_eager(module) and not _attention_weights_requested(module)
+    return True
+
+
+def _is_standard_eager(module: nn.Module) -> bool:
+    """The module's ``eager_attention_forward`` is transformers' plain one (Llama's, copied by most families)."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        return False
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+    if eager is llama_eager:
+        return True
+    mine, standard = getattr(eager, "__code__", None), llama_eager.__code__
+    return mine is not None and all(
+        getattr(mine, attr) == getattr(standard, attr)
+        for attr in ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount", "co_kwonlyargcount")
+    )
+
+
+def _attention_weights_requested(module: nn.Module) -> bool:
+    """True when the model call records attention weights (``output_attentions``): eager must return them."""
+    if getattr(getattr(module, "config", None), "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - another transformers layout: assume they may be
+        return True
+    try:
+        collected = _active_collector.get()
+    except LookupError:
+        return False
+    # "attentions" for self-attention; any other attention output a model may record, to be safe
+    return isinstance(collected, Mapping) and any("attention" in str(name) for name in collected)
+
+
+def _mask_is_causal_with_padding(mask: torch.Tensor, key_valid: torch.Tensor, wrapped: str) -> bool:
+    """``mask`` (``[B or 1, 1, P, P]``) is exactly causal and hides exactly the padding keys.
+
+    sdpa masks are bool (True = visible); eager masks are additive, 0 where visible and the
+    dtype's minimum elsewhere, as transformers' ``eager_mask`` builds them.
+    """
+    b, p = key_valid.shape
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) or tuple(mask.shape[-2:]) != (p, p):
+        return False
+    if wrapped == "sdpa":
+        if mask.dtype != torch.bool:
+            return False
+        blocked = None
+    else:
+        if not mask.is_floating_point():
+            return False
+        blocked = torch.finfo(mask.dtype).min
+    key_valid = key_valid.to(mask.device)
+    columns = torch.arange(p, device=mask.device)
+    step = max(1, 2**22 // (b * p))  # rows per block: a few MiB of temporaries
+    for start in range(0, p, step):
+        end = min(p, start + step)
+        visible = (columns[None, :] <= columns[start:end, None])[None] & key_valid[:, None, :]  # [B, rows, P]
+        block = mask[:, 0, start:end].expand(b, -1, -1)
+        if blocked is None:
+            same = bool(torch.equal(block, visible))
+        else:
+            same = bool(torch.where(visible, block == 0, block == blocked).all())
+        if not same:
+            return False
+    return True
+
+
 def _grow_in_place(layer: Any) -> None:
     """Make a compressed layer a GrowingLayer (the same object), so that decode steps append without copying."""
     from kvpress_mm.growing_cache import GrowingLayer
 
     if type(layer) is not GrowingLayer:
-        GrowingLayer.adopt(layer, headroom=GROWING_HEADROOM)
+        GrowingLayer.adopt(layer, headroom=GROWING_HEADROOM, exact=True)
 
 
 def _check_cache_layers(cache: Any) -> None:
@@ -440,9 +569,10 @@ class CompressionSession:
     ```
 
     With ``growing_cache`` (the default), each layer compressed at prefill is moved into a
-    :class:`~kvpress_mm.growing_cache.GrowingLayer` with a little headroom, so that decode
-    steps append in place instead of copying the whole cache (``DynamicLayer``'s
-    ``torch.cat``); ``False`` keeps transformers' ``DynamicLayer``. Outputs are identical.
+    :class:`~kvpress_mm.growing_cache.GrowingLayer` whose storage is exactly the kept entries; the
+    first decode step reallocates once with a little headroom, and later steps append in place
+    instead of copying the whole cache (``DynamicLayer``'s ``torch.cat``); ``False`` keeps
+    transformers' ``DynamicLayer``. Outputs are identical.
     """
 
     def __init__(self, compressor: Compressor, model: nn.Module, *, growing_cache: bool = True) -> None:
@@ -462,6 +592,8 @@ class CompressionSession:
         self._cache: Any = None
         self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
         self._warned_sliding = False
+        # attention masks of the current call already checked by _plain_causal_mask, with the verdict
+        self._checked_masks: list[tuple[weakref.ref[torch.Tensor], bool]] = []
         # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
         self._growing_cache = growing_cache
         # only strategies that act while decoding pay for the decode-time view
@@ -537,6 +669,7 @@ class CompressionSession:
     def _before_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         assert self._adapter is not None
         self._pending.clear()  # plans of a call that raised must never reach the next one
+        self._checked_masks.clear()
         tokens = _first_tensor(args, kwargs, "input_ids")
         if tokens is None:
             tokens = _first_tensor(args, kwargs, "inputs_embeds")
@@ -647,16 +780,89 @@ class CompressionSession:
             return original(module, query, key, value, attention_mask, **kwargs)
         layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
         if call.prefill:
-            output = original(module, query, key, value, attention_mask, **kwargs)
             if self.compressor.is_noop:
+                return original(module, query, key, value, attention_mask, **kwargs)
+            fused = self._fused_prefill(module, layer_idx, cache, query, key, value, attention_mask, wrapped, kwargs)
+            if fused is None:
+                output = original(module, query, key, value, attention_mask, **kwargs)
+                self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs)
                 return output
-            self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs)
+            output, sums = fused
+            self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs, accumulated=sums)
             return output
         state = _cache_states.get(cache)
         layer_state = state.layers.get(layer_idx) if state is not None else None
         if layer_state is None:
             return original(module, query, key, value, attention_mask, **kwargs)
         return self._attend_compressed(module, layer_idx, layer_state, query, key, value, original, wrapped, kwargs)
+
+    def _fused_prefill(
+        self,
+        module: nn.Module,
+        layer_idx: int,
+        cache: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        wrapped: str,
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[torch.Tensor, Any], torch.Tensor] | None:
+        """The layer's prefill attention and its column sums in one pass, or ``None`` to use the original.
+
+        Taken when the strategy declares ``needs_accumulated_attention`` and our chunked
+        attention computes exactly what the original would (see :func:`_fusable`); the sums
+        then seed the layer's :class:`LayerView`, so they are not computed a second time.
+        """
+        call = self._call
+        assert call is not None
+        if not (_FUSED_PREFILL and getattr(type(self.compressor), "needs_accumulated_attention", False)):
+            return None
+        modality = call.modality
+        layers = getattr(cache, "layers", None)
+        if modality is None or layers is None or layer_idx >= len(layers):
+            return None
+        layer = layers[layer_idx]
+        if getattr(layer, "is_sliding", False) or not _compressible(layer):
+            return None  # _plan_prefill skips the layer or refuses the cache
+        if not _fusable(module, query, key, value, modality, wrapped, kwargs):
+            return None
+        key_valid = (modality != Modality.PADDING).to(key.device)
+        if not self._plain_causal_mask(module, attention_mask, key_valid, wrapped, kwargs):
+            return None
+        scaling = float(kwargs["scaling"])
+        output, sums = attention_with_column_sums(query, key, value, scaling, key_valid, key_valid)
+        # what transformers' sdpa_attention_forward / eager_attention_forward return (no weights asked for)
+        return (output.transpose(1, 2).contiguous(), None), sums
+
+    def _plain_causal_mask(
+        self,
+        module: nn.Module,
+        attention_mask: torch.Tensor | None,
+        key_valid: torch.Tensor,
+        wrapped: str,
+        kwargs: dict[str, Any],
+    ) -> bool:
+        """True when the original attention would mask exactly causal + the call's padding.
+
+        A mask tensor is checked once per call (transformers passes the same one to every
+        layer), row block by row block so that the check allocates no ``[B, P, P]`` temporary.
+        """
+        padded = not bool(key_valid.all())
+        length = int(key_valid.shape[-1])
+        if attention_mask is None:
+            if wrapped == "eager":  # eager applies no causal mask of its own
+                return length == 1 and not padded
+            is_causal = kwargs.get("is_causal")
+            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+            # sdpa_attention_forward: is_causal=True when there is no mask (and more than one query)
+            return not padded and (bool(is_causal) or length == 1)
+        for checked, verdict in self._checked_masks:
+            if checked() is attention_mask:
+                return verdict
+        verdict = _mask_is_causal_with_padding(attention_mask, key_valid, wrapped)
+        self._checked_masks.append((weakref.ref(attention_mask), verdict))
+        return verdict
 
     def _plan_prefill(
         self,
@@ -667,6 +873,7 @@ class CompressionSession:
         key: torch.Tensor,
         value: torch.Tensor,
         kwargs: dict[str, Any],
+        accumulated: torch.Tensor | None = None,
     ) -> None:
         call = self._call
         assert call is not None and call.modality is not None
@@ -704,6 +911,7 @@ class CompressionSession:
             scaling=float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)),
             modality=call.modality.to(key.device),  # layers may live on different devices
             n_keep=call.n_keep,
+            accumulated_attention_per_head=accumulated,
         )
         plan = self.compressor.plan(view)
         self._check_plan(plan, view)

@@ -235,8 +235,13 @@ def test_sliding_layers_left_alone_full_layers_compressed(
         prefill = cache_of(generate(model, ids, max_new_tokens=1))
     assert (session.report.layers_compressed, session.report.layers_skipped) == (1, 1)
     assert type(prefill.layers[1]).__name__ == "DynamicSlidingWindowLayer"
-    assert torch.equal(prefill.layers[1].keys, plain_prefill.layers[1].keys)
-    assert torch.equal(prefill.layers[1].values, plain_prefill.layers[1].values)
+    if type(compressor).needs_accumulated_attention:
+        # layer 0's prefill attention is kvpress-mm's fused one (float32 chunks): equal up to rounding
+        torch.testing.assert_close(prefill.layers[1].keys, plain_prefill.layers[1].keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prefill.layers[1].values, plain_prefill.layers[1].values, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(prefill.layers[1].keys, plain_prefill.layers[1].keys)
+        assert torch.equal(prefill.layers[1].values, plain_prefill.layers[1].values)
     assert prefill.layers[0].keys.shape[-2] == 12
 
     with warnings.catch_warnings():

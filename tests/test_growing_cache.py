@@ -250,20 +250,21 @@ def test_compressed_generate_is_identical_with_and_without_growing_layers(name: 
     assert all(type(layer) is GrowingLayer for layer in caches[True].layers)
     for stock, grown in zip(caches[False].layers, caches[True].layers):
         assert torch.equal(stock.keys, grown.keys) and torch.equal(stock.values, grown.values)
-    if name != "h2o":  # n_keep entries + 128 headroom, then doubled once
-        capacity = 2 * (n_keep_for(300, 0.8) + 128)
-        assert all(layer.reallocations == 2 and layer.capacity == capacity for layer in caches[True].layers)
+    if name != "h2o":  # exactly n_keep, then + 1 + 128 headroom at the first append, then the decoded part doubled
+        n_keep = n_keep_for(300, 0.8)
+        capacity = n_keep + 2 * (1 + 128)
+        assert all(layer.reallocations == 3 and layer.capacity == capacity for layer in caches[True].layers)
 
 
 def test_report_counts_the_kept_entries_not_the_headroom() -> None:
     model = build("llama")
     ids = prompt(100)
     with Compressor.from_name("snapkv", compression_ratio=0.5, window_size=8)(model) as session:
-        out = generate(model, ids, max_new_tokens=1)
+        out = generate(model, ids, max_new_tokens=3)  # two decode steps: the first adds the headroom
     layer = out.past_key_values.layers[0]
     entry_bytes = 2 * 2 * 16 * 4  # keys and values, 2 KV heads, head_dim 16, float32
     assert session.report.kv_bytes_after == 2 * 50 * entry_bytes
-    assert layer.allocated_bytes() == (50 + 128) * entry_bytes
+    assert layer.allocated_bytes() == (50 + 1 + 128) * entry_bytes
 
 
 def test_a_growing_cache_passed_in_is_compressed() -> None:
@@ -306,3 +307,22 @@ def test_pickle_round_trip() -> None:
     copy_ = pickle.loads(pickle.dumps(layer))
     assert type(copy_) is GrowingLayer and copy_.capacity == 8
     assert torch.equal(copy_.keys, layer.keys) and torch.equal(copy_.values, layer.values)  # type: ignore[arg-type]
+
+
+def test_adopted_exact_layer_has_no_headroom_until_the_first_append() -> None:
+    """``adopt(exact=True)``: storage is exactly the entries; growth never doubles the adopted base."""
+    from transformers.cache_utils import DynamicLayer
+
+    keys, values = torch.randn(2, HEADS, 40, DIM), torch.randn(2, HEADS, 40, DIM)
+    layer = DynamicLayer()
+    layer.update(keys, values)
+    GrowingLayer.adopt(layer, headroom=8, growth=2.0, exact=True)
+    assert layer.capacity == 40
+    assert layer.keys is not None and layer.keys.untyped_storage().nbytes() == 2 * HEADS * 40 * DIM * 4
+    for step in range(1, 30):
+        layer.update(torch.full((2, HEADS, 1, DIM), float(step)), torch.full((2, HEADS, 1, DIM), -float(step)))
+        appended = step
+        # geometric in the appended entries only: at most the base + growth x (appended + headroom)
+        assert 40 + appended <= layer.capacity <= 40 + 2 * (appended + 8)
+    assert torch.equal(layer.keys[:, :, :40], keys)
+    assert torch.equal(layer.keys[:, :, 40:, 0], torch.arange(1, 30.0).expand(2, HEADS, -1))

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kvpress_mm import Compressor, Modality
-from kvpress_mm.scoring import CHUNK_BYTES, attention_column_sums
+from kvpress_mm.scoring import CHUNK_BYTES, attention_column_sums, attention_with_column_sums
 
 torch.set_num_threads(1)
 
@@ -56,6 +56,86 @@ def test_column_sums_match_naive_softmax(
     # every counted query's probabilities sum to one
     counted = (key_valid & (torch.arange(case.padded_length) >= start)).sum(-1).double()
     _close(out.double().sum(-1), counted[:, None].expand(-1, case.heads), atol=1e-4, rtol=1e-5)
+
+
+def _sdpa_reference(t: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
+    """torch's SDPA in float64: causal, padding keys hidden, GQA by repeating KV heads; rows that see no key give 0."""
+    queries, keys, values = t["queries"].double(), t["keys"].double(), t["values"].double()
+    groups = queries.shape[1] // keys.shape[1]
+    p = queries.shape[2]
+    key_valid = t["modality"] != Modality.PADDING
+    visible = torch.ones(p, p, dtype=torch.bool).tril()[None] & key_valid[:, None, :]  # [B, P, P]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        queries,
+        keys.repeat_interleave(groups, dim=1),
+        values.repeat_interleave(groups, dim=1),
+        attn_mask=visible[:, None],
+        scale=scaling,
+    )
+    return out.masked_fill(~visible.any(-1)[:, None, :, None], 0)
+
+
+@SETTINGS
+@given(
+    case=synthetic_cases(),
+    dtype=DTYPES,
+    chunk_bytes=st.one_of(st.sampled_from([1, 37, 4096, CHUNK_BYTES]), st.integers(1, 200_000)),
+    value_dim=st.sampled_from([None, 3]),
+)
+def test_fused_attention_matches_sdpa_and_column_sums(
+    case: SyntheticCase, dtype: torch.dtype, chunk_bytes: int, value_dim: int | None
+) -> None:
+    t = make_tensors(case, dtype)
+    if value_dim is not None:  # value head_dim different from the query/key one
+        t["values"] = t["values"][..., :1].expand(-1, -1, -1, value_dim).contiguous()
+    key_valid = t["modality"] != Modality.PADDING
+    scaling = case.head_dim**-0.5
+    output, sums = attention_with_column_sums(
+        t["queries"], t["keys"], t["values"], scaling, key_valid, key_valid, chunk_bytes
+    )
+    dv = t["values"].shape[-1]
+    assert output.shape == (case.batch, case.heads, case.padded_length, dv)
+    assert output.dtype == dtype
+    # the layout transformers' attention functions return: [B, P, Hq, Dv] contiguous, without a copy
+    assert output.transpose(1, 2).is_contiguous()
+    assert torch.isfinite(output).all()
+    expected = _sdpa_reference(t, scaling)
+    if dtype == torch.float32:
+        _close(output, expected, atol=1e-5, rtol=1e-5)
+    else:  # computed in float32, rounded once to the model dtype
+        _close(output, expected, atol=1e-2, rtol=1e-2)
+    # the same column sums as the lazy path, bit for bit (same chunks, same operations)
+    assert sums.dtype == torch.float32
+    assert torch.equal(
+        sums, attention_column_sums(t["queries"], t["keys"], scaling, key_valid, key_valid, 0, chunk_bytes)
+    )
+    _close(sums, naive_column_sums(t["queries"], t["keys"], scaling, t["modality"]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    groups=st.integers(1, 3),
+    length=st.integers(32, 64),
+    rows=st.integers(1, 8),
+)
+def test_fused_attention_never_allocates_full_attention(
+    batch: int, kv_heads: int, groups: int, length: int, rows: int
+) -> None:
+    heads = kv_heads * groups
+    case = SyntheticCase(kv_heads, groups, 8, (length,) * batch, ((0,) * length,) * batch, 0.5, length)
+    t = make_tensors(case)
+    key_valid = t["modality"] != Modality.PADDING
+    chunk_bytes = 4 * batch * heads * length * rows  # `rows` query rows per chunk
+    with _AllocationRecorder() as rec:
+        output, _ = attention_with_column_sums(
+            t["queries"], t["keys"], t["values"], 0.3, key_valid, key_valid, chunk_bytes
+        )
+    assert rec.max_numel < heads * length * length
+    assert rec.max_numel <= max(batch * heads * rows * length, batch * heads * length * 8)
+    assert not any(len(s) >= 2 and s[-2:] == (length, length) for s in rec.shapes)
+    _close(output, _sdpa_reference(t, 0.3), atol=1e-5, rtol=1e-5)
 
 
 @SETTINGS

@@ -6,7 +6,7 @@ Language Models", NeurIPS 2023, https://arxiv.org/abs/2306.14048
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -36,6 +36,8 @@ class H2O(ScoredCompressor):
         decode_eviction: keep evicting while decoding (constant cache size).
 
     """
+
+    needs_accumulated_attention: ClassVar[bool] = True
 
     window_size: int | None = Field(default=None, ge=0, description="Recent entries kept; None = n_keep // 2.")
     decode_eviction: bool = Field(default=True, description="Evict one entry per decode step (constant size).")

@@ -6,7 +6,7 @@ Long-Context Inference", Findings of EMNLP 2024, https://arxiv.org/abs/2406.1813
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -32,6 +32,8 @@ class LookMEvict(Compressor):
             not compressed at all.
 
     """
+
+    needs_accumulated_attention: ClassVar[bool] = True
 
     window_size: int | None = Field(default=None, ge=0, description="Recent entries kept; None = n_keep // 2.")
     keep_all_text: bool = Field(default=False, description="Keep every text entry, even beyond the budget.")
