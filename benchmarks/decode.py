@@ -3,8 +3,8 @@
 A benchmark, not a test: it measures and reports (PASS / MISS against the targets below), it
 never fails on timings. Run it as
 
-    .venv/bin/python benchmarks/decode.py            # the whole run (about 30 minutes on 2 cores)
-    .venv/bin/python benchmarks/decode.py --quick    # shorter prompts, fewer tokens (a few minutes)
+    .venv/bin/python benchmarks/decode.py --threads 1   # the whole run (about 25 minutes, one core)
+    .venv/bin/python benchmarks/decode.py --quick       # shorter prompts (a few minutes)
 
 The model is a random-weight ``LlavaForConditionalGeneration`` built from a config (nothing
 downloaded): its text model is a Llama with hidden 1024, MLP 2816, 8 layers, 16 query heads and
@@ -22,28 +22,45 @@ Arms (the same LLaVA, greedy decoding):
 - the length sweep: ``full``, ``lookm-pivotal`` and ``snapkv`` at ratio ``--sweep-ratio`` and the
   **native-K** arm - a prompt of ``K = int(L * (1 - r))`` tokens from the start, no compressor:
   the cache a compressed arm holds, at no compression cost - the physical bound of decoding;
+  ``--overhead-strategies`` (default ``h2o``) adds strategies at the longest length only (their
+  prefill overhead);
 - the cache arms at ``--cache-length``: ``full`` with transformers' ``DynamicLayer`` (which
   re-copies the whole cache at every decode step: ``torch.cat``) and with kvpress-mm's
   ``GrowingLayer`` (appends in place), a compressed strategy with either, native-K with either.
 
 Compressed arms use the session's default (compressed layers become ``GrowingLayer`` s) unless
-their cache is ``stock`` (``compressor(model, growing_cache=False)``).
+their cache is ``stock`` (``compressor(model, growing_cache=False)``). An uncompressed arm with
+the growing cache (``full`` or native-K) is not prefilled again: its cache is the stock arm's
+keys and values copied into ``GrowingLayer`` s (``GrowingLayer.from_tensors``), exactly what a
+prefill into ``growing_dynamic_cache`` holds; only its decoding is measured.
 
-Two phases, each in fresh Python processes:
+One fresh Python process per prompt length ``L`` (native-K arms with the ``L`` they stand for;
+``--isolation inline`` runs everything in this process). While prefilling, glibc's mmap threshold
+is fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set and
+RSS growth measures what a step needs; while decoding, at 32 MiB, the ceiling of glibc's dynamic
+threshold, which a long-running process reaches (a stock cache's per-step ``torch.cat`` then
+reuses heap memory below that size instead of faulting in fresh pages at every step).
 
-- **A, one process per arm**: a warm-up, then the measured prefill (``generate`` of one token):
-  prefill time (start of ``generate`` to the first logits, compression included), compression
-  time (measured directly: the session's planning and cache surgery, summed over layers), the
-  RSS high-water growth of the prefill and of each layer's compression step (the largest over
-  layers), KV bytes (held, and allocated including a growing layer's headroom). The cache is
-  then saved (a compressed cache pickles with its session state).
-- **B, one process per prompt length**: every arm of that length loads its cache and decodes
-  ``--decode-tokens`` tokens greedily, a few steps at a time in turn, in a rotating order, so
-  that the ms/token of arms compared with each other are measured under the same load (the
-  machine is shared: load varies by the minute). Decode ms/token is the median step.
+- **prefills**, one arm after the other (``full`` before the compressed arms): a warm-up on a
+  short prompt, then the measured prefill (``generate`` of one token): prefill time (start of
+  ``generate`` to the first logits, compression included; wall and process CPU time),
+  compression time (measured directly: the session's planning and cache surgery, summed over
+  layers), the RSS high-water growth of the prefill and of each layer's compression step (the
+  largest over layers; the kernel's high-water mark is reset first), KV bytes (held, and
+  allocated including a growing layer's headroom). Each cache stays in memory;
+- **decoding**: every arm of that length decodes ``--decode-tokens`` tokens greedily, a burst
+  of steps at a time in turn, in a rotating order, so that the ms/token of arms compared with
+  each other are measured under the same load (the machine is shared: load varies by the
+  minute). Decode ms/token is the median step.
+
+Compression overhead = prefill with compression / prefill of ``full`` at the same length (in the
+same process, minutes apart): with ``--threads 1`` the ratio of process CPU times (immune to
+time slices lost to other processes), else of wall times; the direct ratio
+``1 + compression / (prefill - compression)`` is printed beside it.
 
 Results: a table per part on stdout, JSON, and a PNG plot (decode ms/token against prompt
-length, one line per arm of the sweep).
+length, one line per arm of the sweep; beside it the peak memory of the compression step
+against prompt length).
 """
 
 from __future__ import annotations
@@ -91,6 +108,15 @@ OVERHEAD_TARGETS = {  # (prefill + compression) / prefill at the longest sweep l
     "lookm-weighted": 1.3,
 }
 OVERHEAD_TARGET_OTHERS = 1.05
+WALL_TARGET_MINUTES = 30.0  # the whole run
+LINEAR_TOLERANCE = 1.25  # peak bytes per token at L over at L / 2: a [heads, L, L] term would double it
+# glibc while prefilling: allocations above 128 KiB are mmapped and returned on free, so that the RSS
+# growth of a step measures what it needs (not pages that freed tensors left resident)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# ... and while decoding, the ceiling of glibc's dynamic threshold (32 MiB on 64-bit): what a long-running
+# process converges to, so that a stock cache's per-step torch.cat reuses heap memory as it would in use
+DECODE_MMAP_THRESHOLD = 32 * 2**20
+PROGRESS = "@@progress "  # a worker's progress lines on stderr
 
 
 @dataclass(frozen=True)
@@ -106,6 +132,7 @@ class Config:
     image_fraction: float = 0.8
     image_tokens: int = 576  # placeholders per image (LLaVA-1.5's 24 x 24)
     decode_tokens: int = 64
+    decode_burst: int = 8  # decode steps per arm and turn (the arms take turns)
     repeats: int = 1
     grid_length: int = 4096
     grid_ratios: tuple[float, ...] = (0.5, 0.8, 0.9)
@@ -113,6 +140,8 @@ class Config:
     sweep_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     sweep_ratio: float = 0.8
     sweep_strategies: tuple[str, ...] = ("lookm-pivotal", "snapkv")
+    # added at the longest sweep length only, for their prefill overhead (h2o: the other 1.3x strategy family)
+    overhead_strategies: tuple[str, ...] = ("h2o",)
     cache_length: int = 8192
     cache_strategy: str = "snapkv"  # decode cost depends on the cache size only: the cheapest prefill
     threads: int | None = None
@@ -161,6 +190,13 @@ class Arm:
         ratio = "" if self.strategy == FULL else f" r={self.ratio:g}"
         return f"L={self.length} {self.strategy}{ratio} {self.cache}"
 
+    @property
+    def derived_from(self) -> Arm | None:
+        """For an uncompressed growing arm: the stock arm whose cache it copies (no prefill of its own)."""
+        if self.cache == "growing" and self.strategy in (FULL, NATIVE):
+            return replace(self, cache="stock")
+        return None
+
 
 def plan_arms(config: Config) -> dict[str, list[Arm]]:
     """The arms of every part (an arm may serve several parts; it runs once)."""
@@ -171,6 +207,10 @@ def plan_arms(config: Config) -> dict[str, list[Arm]]:
         sweep.append(Arm(FULL, 0.0, length, "stock"))
         sweep += [Arm(s, config.sweep_ratio, length) for s in config.sweep_strategies]
         sweep += [Arm(NATIVE, config.sweep_ratio, length, "stock"), Arm(NATIVE, config.sweep_ratio, length, "growing")]
+    longest = max(config.sweep_lengths)
+    sweep += [
+        Arm(s, config.sweep_ratio, longest) for s in config.overhead_strategies if s not in config.sweep_strategies
+    ]
     length, ratio = config.cache_length, config.sweep_ratio
     caches = [
         Arm(FULL, 0.0, length, "stock"),
@@ -184,12 +224,15 @@ def plan_arms(config: Config) -> dict[str, list[Arm]]:
 
 
 def unique_arms(parts: dict[str, list[Arm]]) -> list[Arm]:
-    """Every arm once, longest prompts last (so a short run reports early)."""
+    """Every arm once: shortest prompts first, ``full`` before the compressed arms of its length, stock first."""
     seen: dict[str, Arm] = {}
     for arms in parts.values():
         for arm in arms:
             seen.setdefault(arm.key, arm)
-    return sorted(seen.values(), key=lambda a: (a.prompt_length, a.length, a.strategy, a.ratio, a.cache))
+    return sorted(
+        seen.values(),
+        key=lambda a: (a.prompt_length, a.length, a.strategy != FULL, a.strategy, a.ratio, a.cache != "stock"),
+    )
 
 
 # -- model and prompts -----------------------------------------------------------------------
@@ -250,7 +293,8 @@ class Prompt:
 
         kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(self.input_ids)}
         if self.image_features:
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self.image_features)}
+            features: Any = self.image_features  # a list of [tokens, hidden], one per image
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         return kwargs
 
 
@@ -310,6 +354,15 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)``; False where unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def release_free_memory() -> None:
@@ -409,12 +462,13 @@ def cache_sizes(cache: Any) -> tuple[int, int]:
 
 class StepTimer:
     """A logits processor that timestamps every generation step; at the first (end of prefill) it
-    also reads the RSS high-water mark and sizes the cache."""
+    also reads the process CPU time and the RSS high-water mark, and sizes the cache."""
 
     def __init__(self, cache: Any, probe: CompressionProbe | None) -> None:
         self.cache = cache
         self.probe = probe
         self.stamps: list[float] = []
+        self.cpu = 0.0
         self.prefill_peak = 0
         self.held = self.allocated = 0
         self.layer_types: list[str] = []
@@ -422,6 +476,7 @@ class StepTimer:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.stamps.append(time.perf_counter())
         if len(self.stamps) == 1:
+            self.cpu = time.process_time()
             if self.probe is not None:
                 self.probe.active = False
             self.prefill_peak = peak_rss_bytes()
@@ -433,17 +488,16 @@ class StepTimer:
 def _compressor(arm: Arm) -> Any:
     from kvpress_mm import Compressor
 
-    return None if arm.strategy == NATIVE else Compressor.from_name(arm.strategy, compression_ratio=arm.ratio)
+    if arm.strategy == NATIVE or arm.derived_from is not None:
+        return None
+    return Compressor.from_name(arm.strategy, compression_ratio=arm.ratio)
 
 
 def prefill_once(model: Any, arm: Arm, prompt: Prompt, probe: CompressionProbe | None = None) -> dict[str, Any]:
     """One timed prefill of ``arm`` (``generate`` of one token): times, memory, cache sizes, the cache."""
     from transformers import DynamicCache, LogitsProcessorList
 
-    from kvpress_mm.growing_cache import growing_dynamic_cache
-
-    uncompressed_growing = arm.cache == "growing" and arm.strategy in (FULL, NATIVE)
-    cache = growing_dynamic_cache(model.config) if uncompressed_growing else DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
     timer = StepTimer(cache, probe)
     options: dict[str, Any] = dict(
         prompt.generate_kwargs(),
@@ -462,6 +516,7 @@ def prefill_once(model: Any, arm: Arm, prompt: Prompt, probe: CompressionProbe |
     reset_peak_rss()
     rss_before = rss_bytes()
     with torch.inference_mode():
+        cpu_start = time.process_time()
         start = time.perf_counter()
         if compressor is None:
             out = model.generate(prompt.input_ids, **options)
@@ -475,6 +530,7 @@ def prefill_once(model: Any, arm: Arm, prompt: Prompt, probe: CompressionProbe |
     measured = probe if probe is not None and probe.available and compressing else None
     return {
         "prefill_s": timer.stamps[0] - start,
+        "prefill_cpu_s": timer.cpu - cpu_start,
         "compression_s": measured.seconds if measured else (None if compressing else 0.0),
         "compression_steps": measured.steps if measured else 0,
         "compression_peak_growth": measured.peak_growth if measured else None,
@@ -495,25 +551,28 @@ def prefill_once(model: Any, arm: Arm, prompt: Prompt, probe: CompressionProbe |
     }
 
 
+WARMUP_TOKENS = 128
+
+
 def prefill_arm(
-    model: Any, config: Config, arm: Arm, probe: CompressionProbe | None, state_path: Path | None
-) -> dict[str, Any]:
-    """Warm up, then ``config.repeats`` measured prefills of ``arm``; saves the last cache to ``state_path``."""
-    prefill_once(model, arm, make_prompt(config, min(256, arm.prompt_length)))  # lazy initialisations
-    runs = []
+    model: Any, config: Config, arm: Arm, probe: CompressionProbe | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A warm-up on a short prompt, then ``config.repeats`` measured prefills of ``arm``: (figures, last cache)."""
+    prefill_once(model, arm, make_prompt(config, min(WARMUP_TOKENS, arm.prompt_length)))  # lazy initialisations
+    runs: list[dict[str, Any]] = []
     for _ in range(config.repeats):
         if runs:
             runs[-1].pop("state")  # free the previous cache before the next prefill
         runs.append(prefill_once(model, arm, make_prompt(config, arm.prompt_length), probe))
     first, last = runs[0], runs[-1]
     state = last.pop("state")
-    if state_path is not None:
-        torch.save(state, state_path)  # the compressed cache pickles with its session state
     return {
         "arm": asdict(arm),
         "key": arm.key,
         "prompt_length": arm.prompt_length,
+        "derived_from": None,
         "prefill_s": [r["prefill_s"] for r in runs],
+        "prefill_cpu_s": [r["prefill_cpu_s"] for r in runs],
         "compression_s": [r["compression_s"] for r in runs if r["compression_s"] is not None],
         "compression_peak_growth": first["compression_peak_growth"],
         "compression_steps": first["compression_steps"],
@@ -523,10 +582,42 @@ def prefill_arm(
         "cache_layer_types": first["cache_layer_types"],
         "report": first["report"],
         "weight_bytes": weight_bytes(model),
-    }
+    }, state
 
 
-# -- phase B: interleaved decoding of every arm of one prompt length --------------------------
+def derive_growing(model: Any, arm: Arm, source: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An uncompressed growing arm: the stock arm's cache copied into ``GrowingLayer`` s (no prefill)."""
+    from transformers import DynamicCache
+
+    from kvpress_mm.growing_cache import GrowingLayer
+
+    stock = source["cache"]
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer.from_tensors(layer.keys, layer.values) for layer in stock.layers]
+    held, allocated = cache_sizes(cache)
+    state = {"cache": cache, "next_token": source["next_token"].clone(), "position": source["position"]}
+    base = arm.derived_from
+    assert base is not None
+    return {
+        "arm": asdict(arm),
+        "key": arm.key,
+        "prompt_length": arm.prompt_length,
+        "derived_from": base.key,
+        "prefill_s": [],
+        "prefill_cpu_s": [],
+        "compression_s": [],
+        "compression_peak_growth": None,
+        "compression_steps": 0,
+        "prefill_peak_growth": None,
+        "kv_bytes_held": held,
+        "kv_bytes_allocated": allocated,
+        "cache_layer_types": sorted({type(layer).__name__ for layer in cache.layers}),
+        "report": None,
+        "weight_bytes": weight_bytes(model),
+    }, state
+
+
+# -- decoding: every arm of one prompt length, interleaved ----------------------------------
 
 
 @dataclass
@@ -547,7 +638,6 @@ class Decoder:
         compressor = _compressor(self.arm)
         context = nullcontext() if compressor is None else compressor(model, growing_cache=self.arm.cache == "growing")
         if timed:
-            release_free_memory()
             reset_peak_rss()
         before = rss_bytes()
         with context, torch.inference_mode():
@@ -570,25 +660,37 @@ class Decoder:
             self.peak_growth = max(self.peak_growth, peak_rss_bytes() - before)
 
 
-def decode_group(model: Any, config: Config, arms: list[Arm], state_paths: list[Path]) -> dict[str, dict[str, Any]]:
+def decode_rounds(config: Config) -> int:
+    """Turns each arm takes to decode ``config.decode_tokens`` tokens."""
+    burst = max(1, min(config.decode_burst, config.decode_tokens))
+    return -(-config.decode_tokens // burst)
+
+
+def decode_group(
+    model: Any,
+    config: Config,
+    arms: list[Arm],
+    states: list[dict[str, Any]],
+    progress: Any = None,
+) -> dict[str, dict[str, Any]]:
     """Decode ``config.decode_tokens`` tokens for every arm, interleaved in bursts, in a rotating order.
 
-    All arms of one prompt length decode in one process, a few steps each in turn, so that
+    All arms of one prompt length decode in one process, a burst of steps each in turn, so that
     their ms/token are measured under the same conditions (other load on the machine varies).
+    ``progress(text)`` is called after each round.
     """
-    decoders = []
-    for arm, path in zip(arms, state_paths):
-        state = torch.load(path, weights_only=False)
-        decoders.append(Decoder(arm, state["cache"], state["next_token"], state["position"], []))
-        path.unlink()
+    decoders = [Decoder(arm, s["cache"], s["next_token"], s["position"], []) for arm, s in zip(arms, states)]
     for decoder in decoders:  # warm-up: lazy initialisations, untimed
         decoder.run(model, 2, timed=False)
-    burst = max(1, min(4, config.decode_tokens))
-    rounds = -(-config.decode_tokens // burst)
+    release_free_memory()
+    burst = max(1, min(config.decode_burst, config.decode_tokens))
+    rounds = decode_rounds(config)
     for index in range(rounds):
         shift = index % len(decoders)
         for decoder in decoders[shift:] + decoders[:shift]:
             decoder.run(model, min(burst, config.decode_tokens - len(decoder.step_ms)), timed=True)
+        if progress is not None:
+            progress(f"decode L={arms[0].length}: {len(arms)} arms, round {index + 1}/{rounds}")
     return {
         d.arm.key: {
             "decode_step_ms": d.step_ms,
@@ -601,7 +703,27 @@ def decode_group(model: Any, config: Config, arms: list[Arm], state_paths: list[
     }
 
 
-# -- workers ---------------------------------------------------------------------------------
+def run_group(
+    model: Any, config: Config, arms: list[Arm], probe: CompressionProbe | None, progress: Any
+) -> dict[str, dict[str, Any]]:
+    """Every arm of one prompt length: its prefill (or copy), then interleaved decoding."""
+    results: dict[str, dict[str, Any]] = {}
+    states: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        base = arm.derived_from
+        if base is not None and base.key in states:
+            results[arm.key], states[arm.key] = derive_growing(model, arm, states[base.key])
+        else:
+            results[arm.key], states[arm.key] = prefill_arm(model, config, arm, probe)
+        progress(f"prefill {arm.key}")
+    set_malloc_thresholds(DECODE_MMAP_THRESHOLD, 2 * DECODE_MMAP_THRESHOLD)  # see DECODE_MMAP_THRESHOLD
+    decoded = decode_group(model, config, arms, [states.pop(a.key) for a in arms], progress)
+    for key, figures in decoded.items():
+        results[key].update(figures)
+    return results
+
+
+# -- processes -------------------------------------------------------------------------------
 
 
 def config_to_json(config: Config) -> str:
@@ -619,106 +741,91 @@ def config_from_json(text: str) -> Config:
 
 
 def groups_of(arms: list[Arm]) -> dict[int, list[Arm]]:
-    """Arms by prompt length ``L`` (native-K arms with the ``L`` they stand for): one decode process each."""
+    """Arms by prompt length ``L`` (native-K arms with the ``L`` they stand for): one process each."""
     groups: dict[int, list[Arm]] = {}
     for arm in arms:
         groups.setdefault(arm.length, []).append(arm)
     return dict(sorted(groups.items()))
 
 
-def _worker_command(config: Config, mode: str, payload: Any, paths: list[Path]) -> list[str]:
-    return [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker-config",
-        config_to_json(config),
-        f"--worker-{mode}",
-        json.dumps(payload),
-        "--worker-paths",
-        json.dumps([str(p) for p in paths]),
-    ]
-
-
-def _run_worker(command: list[str], what: str) -> Any:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def worker(config: Config, args: argparse.Namespace) -> Any:
-    """One phase in this (fresh) process: a prefill (``--worker-prefill``) or a decode group (``--worker-decode``)."""
+def worker(config: Config, arms: list[Arm], out: Path) -> None:
+    """One prompt length in this (fresh) process; progress lines on stderr, results as JSON in ``out``."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    paths = [Path(p) for p in json.loads(args.worker_paths)]
+
+    def progress(text: str) -> None:
+        print(PROGRESS + text, file=sys.stderr, flush=True)
+
     model = build_model(config)
-    if args.worker_decode is not None:
-        return decode_group(model, config, [Arm(**a) for a in json.loads(args.worker_decode)], paths)
     probe = CompressionProbe()
     probe.install()
     try:
-        return prefill_arm(model, config, Arm(**json.loads(args.worker_prefill)), probe, paths[0])
+        results = run_group(model, config, arms, probe, progress)
     finally:
         probe.uninstall()
+    out.write_text(json.dumps(results))
 
 
-class Runner:
-    """Runs phases A and B, in fresh processes (``subprocess``) or in this one (``inline``)."""
-
-    def __init__(self, config: Config, isolation: str) -> None:
-        self.config = config
-        self.isolation = isolation
-        self.model: Any = None
-        self.probe: CompressionProbe | None = None
-        if isolation == "inline":
-            self.model = build_model(config)
-            self.probe = CompressionProbe()
-            self.probe.install()
-
-    def close(self) -> None:
-        """Undo the inline probe."""
-        if self.probe is not None:
-            self.probe.uninstall()
-
-    def prefill(self, arm: Arm, path: Path) -> dict[str, Any]:
-        """Phase A for ``arm``; its cache goes to ``path``."""
-        if self.isolation == "subprocess":
-            return dict(_run_worker(_worker_command(self.config, "prefill", asdict(arm), [path]), f"prefill {arm.key}"))
-        return prefill_arm(self.model, self.config, arm, self.probe, path)
-
-    def decode(self, arms: list[Arm], paths: list[Path]) -> dict[str, dict[str, Any]]:
-        """Phase B for ``arms`` (their caches are in ``paths``)."""
-        if self.isolation == "subprocess":
-            payload = [asdict(a) for a in arms]
-            return dict(_run_worker(_worker_command(self.config, "decode", payload, paths), "decode"))
-        return decode_group(self.model, self.config, arms, paths)
-
-
-def measure(config: Config, isolation: str = "subprocess", progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Every arm of the run, keyed by :attr:`Arm.key`: phase A per arm, then phase B per prompt length."""
+def run_worker(config: Config, arms: list[Arm], bar: Any) -> dict[str, dict[str, Any]]:
+    """:func:`worker` for ``arms`` in a fresh process; its progress lines advance ``bar``."""
+    import collections
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="kvpress-mm-decode-") as scratch:
+        out = Path(scratch) / "results.json"
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker-config",
+            config_to_json(config),
+            "--worker-arms",
+            json.dumps([asdict(a) for a in arms]),
+            "--worker-out",
+            str(out),
+        ]
+        tail: collections.deque[str] = collections.deque(maxlen=60)
+        with subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **MALLOC_ENV}
+        ) as process:
+            assert process.stderr is not None
+            for line in process.stderr:
+                if line.startswith(PROGRESS):
+                    bar.set_postfix_str(line[len(PROGRESS) :].strip())
+                    bar.update()
+                else:
+                    tail.append(line)
+        if process.returncode != 0:
+            raise RuntimeError(f"decode worker for L={arms[0].length} failed:\n{''.join(tail)[-4000:]}")
+        return dict(json.loads(out.read_text()))
+
+
+def measure(config: Config, isolation: str = "process", progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Every arm of the run, keyed by :attr:`Arm.key`: one process (or this one) per prompt length."""
     from tqdm import tqdm
 
     groups = groups_of(unique_arms(plan_arms(config)))
-    total = sum(len(g) for g in groups.values()) + len(groups)
+    total = sum(len(g) for g in groups.values()) + len(groups) * decode_rounds(config)
     results: dict[str, dict[str, Any]] = {}
-    runner = Runner(config, isolation)
     bar = tqdm(total=total, desc="decode benchmark", unit="step", disable=not progress, file=sys.stderr)
+
+    def advance(text: str) -> None:
+        bar.set_postfix_str(text)
+        bar.update()
+
     try:
-        with tempfile.TemporaryDirectory(prefix="kvpress-mm-decode-") as scratch:
-            for length, arms in groups.items():
-                paths = [Path(scratch) / f"{length}-{i}.pt" for i in range(len(arms))]
-                for arm, path in zip(arms, paths):
-                    bar.set_postfix_str(f"prefill {arm.key}")
-                    results[arm.key] = runner.prefill(arm, path)
-                    bar.update()
-                bar.set_postfix_str(f"decode L={length} ({len(arms)} arms interleaved)")
-                for key, decoded in runner.decode(arms, paths).items():
-                    results[key].update(decoded)
-                bar.update()
+        if isolation == "process":
+            for arms in groups.values():
+                results.update(run_worker(config, arms, bar))
+        else:
+            model = build_model(config)
+            probe = CompressionProbe()
+            probe.install()
+            try:
+                for arms in groups.values():
+                    results.update(run_group(model, config, arms, probe, advance))
+            finally:
+                probe.uninstall()
     finally:
-        runner.close()
         bar.close()
     return results
 
@@ -754,19 +861,22 @@ def machine_info() -> dict[str, Any]:
 
 
 def _row(result: dict[str, Any]) -> dict[str, Any]:
+    def mib(value: int | None) -> float | None:
+        return None if value is None else value / 2**20
+
     return {
         "key": result["key"],
         **result["arm"],
         "prompt_length": result["prompt_length"],
+        "derived_from": result.get("derived_from"),
         "prefill_s": _median(result["prefill_s"]),
+        "prefill_cpu_s": _median(result.get("prefill_cpu_s", [])),
         "compression_s": _median(result["compression_s"]),
         "decode_ms": result.get("decode_ms_per_token"),
         "decode_ms_mean": result.get("decode_ms_mean"),
-        "prefill_peak_mib": result["prefill_peak_growth"] / 2**20,
-        "decode_peak_mib": result.get("decode_peak_growth", 0) / 2**20,
-        "compression_peak_mib": None
-        if result["compression_peak_growth"] is None
-        else result["compression_peak_growth"] / 2**20,
+        "prefill_peak_mib": mib(result["prefill_peak_growth"]),
+        "decode_peak_mib": mib(result.get("decode_peak_growth", 0)),
+        "compression_peak_mib": mib(result["compression_peak_growth"]),
         "kv_mib": result["kv_bytes_held"] / 2**20,
         "kv_allocated_mib": result["kv_bytes_allocated"] / 2**20,
         "weight_mib": result["weight_bytes"] / 2**20,
@@ -774,28 +884,76 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _overhead(row: dict[str, Any], full: dict[str, Any]) -> dict[str, float | None]:
-    """Compression overhead: end to end (prefill / full's prefill) and direct (1 + compression / prefill without it)."""
+def _overhead(row: dict[str, Any], full: dict[str, Any], cpu: bool) -> dict[str, Any]:
+    """Compression overhead against ``full`` at the same length: wall, CPU, direct; ``overhead`` is the one judged."""
     prefill, compression = row["prefill_s"], row["compression_s"]
     direct = None
     if prefill is not None and compression is not None and prefill > compression:
         direct = 1 + compression / (prefill - compression)
-    return {"overhead_end_to_end": _ratio(prefill, full["prefill_s"]), "overhead_direct": direct}
+    wall = _ratio(prefill, full["prefill_s"])
+    cpu_ratio = _ratio(row["prefill_cpu_s"], full["prefill_cpu_s"])
+    return {
+        "overhead_end_to_end": wall,
+        "overhead_cpu": cpu_ratio,
+        "overhead_direct": direct,
+        "overhead": cpu_ratio if cpu and cpu_ratio is not None else wall,
+    }
+
+
+def _linear_fit(xs: list[float], ys: list[float]) -> dict[str, float] | None:
+    """Least squares ``y = intercept + slope * x`` and the largest residual relative to ``y``."""
+    if len(xs) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if not sxx:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    residual = max(abs(y - intercept - slope * x) / y for x, y in zip(xs, ys) if y) if any(ys) else 0.0
+    return {"intercept": intercept, "slope": slope, "max_relative_residual": residual}
+
+
+def memory_series(lengths: list[int], peaks: list[float | None]) -> dict[str, Any]:
+    """Peak MiB at each L, bytes per prompt token, a linear fit and the check that doubling L at most doubles it.
+
+    ``linear`` compares the bytes per token at the longest L with those at half of it (when the
+    sweep has both): a ``[heads, L, L]`` allocation would double them; a linear cost keeps them
+    level (or lower, with fixed costs).
+    """
+    pairs = [(n, v) for n, v in zip(lengths, peaks) if v is not None]
+    per_token = {str(n): v * 2**20 / n for n, v in pairs}
+    longest = max(lengths)
+    half = longest // 2
+    ratio = None
+    if str(longest) in per_token and str(half) in per_token and per_token[str(half)] > 0:
+        ratio = per_token[str(longest)] / per_token[str(half)]
+    fit = _linear_fit([float(n) for n, _ in pairs], [v * 2**20 for _, v in pairs])
+    return {
+        "peak_mib": [v for _, v in pairs],
+        "lengths": [n for n, _ in pairs],
+        "bytes_per_token": per_token,
+        "doubling_ratio": ratio,
+        "fit_bytes": fit,
+        "linear": None if ratio is None else ratio <= LINEAR_TOLERANCE,
+    }
 
 
 def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Tables of the three parts with ratios and targets."""
+    """Tables of every part with ratios and targets."""
     parts = plan_arms(config)
     rows = {key: _row(result) for key, result in results.items()}
+    cpu = config.threads == 1  # one thread: process CPU time is the prefill's own work
 
     grid_full = rows[Arm(FULL, 0.0, config.grid_length, "stock").key]
     grid = []
     for arm in parts["grid"]:
         row = dict(rows[arm.key])
-        row.update(_overhead(row, grid_full))
+        row.update(_overhead(row, grid_full, cpu))
         row["decode_speedup"] = _ratio(grid_full["decode_ms"], row["decode_ms"])
         grid.append(row)
 
+    longest = max(config.sweep_lengths)
     sweep = []
     for length in config.sweep_lengths:
         full = rows[Arm(FULL, 0.0, length, "stock").key]
@@ -808,45 +966,72 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
             "native_stock": native_stock,
             "native_growing": native_growing,
             "strategies": {},
+            "extra": {},
         }
-        for strategy in config.sweep_strategies:
+        extra = [s for s in config.overhead_strategies if s not in config.sweep_strategies] if length == longest else []
+        for strategy in (*config.sweep_strategies, *extra):
             row = dict(rows[Arm(strategy, config.sweep_ratio, length).key])
-            row.update(_overhead(row, full))
+            row.update(_overhead(row, full, cpu))
             row["vs_native"] = _ratio(row["decode_ms"], native_growing["decode_ms"])
             row["vs_native_stock"] = _ratio(row["decode_ms"], native_stock["decode_ms"])
             row["decode_speedup"] = _ratio(full["decode_ms"], row["decode_ms"])
-            row["native_met"] = row["vs_native"] is not None and row["vs_native"] <= NATIVE_TARGET
-            entry["strategies"][strategy] = row
+            if strategy in config.sweep_strategies:
+                row["native_met"] = row["vs_native"] is not None and row["vs_native"] <= NATIVE_TARGET
+                entry["strategies"][strategy] = row
+            else:
+                entry["extra"][strategy] = row
         sweep.append(entry)
-    longest = max(config.sweep_lengths)
+    last = sweep[[e["length"] for e in sweep].index(longest)]
     overhead_targets = {}
-    for strategy in config.sweep_strategies:
-        row = next(e for e in sweep if e["length"] == longest)["strategies"][strategy]
+    for strategy, row in {**last["strategies"], **last["extra"]}.items():
         bound = OVERHEAD_TARGETS.get(strategy, OVERHEAD_TARGET_OTHERS)
-        value = row["overhead_direct"] if row["overhead_direct"] is not None else row["overhead_end_to_end"]
         overhead_targets[strategy] = {
             "length": longest,
             "max": bound,
+            "measure": "CPU time" if cpu and row["overhead_cpu"] is not None else "wall time",
+            "overhead": row["overhead"],
+            "wall": row["overhead_end_to_end"],
+            "cpu": row["overhead_cpu"],
             "direct": row["overhead_direct"],
-            "end_to_end": row["overhead_end_to_end"],
-            "met": value is not None and value <= bound,
+            "met": row["overhead"] is not None and row["overhead"] <= bound,
         }
+
+    lengths = [e["length"] for e in sweep]
+    memory: dict[str, Any] = {
+        "lengths": lengths,
+        "score_matrix_mib": [config.heads * n * n * 4 / 2**20 for n in lengths],  # one layer's [heads, L, L] float32
+        "prefill": {"full": memory_series(lengths, [e["full"]["prefill_peak_mib"] for e in sweep])},
+        "compression_step": {},
+    }
+    for strategy in config.sweep_strategies:
+        series = [e["strategies"][strategy] for e in sweep]
+        memory["prefill"][strategy] = memory_series(lengths, [r["prefill_peak_mib"] for r in series])
+        memory["compression_step"][strategy] = memory_series(lengths, [r["compression_peak_mib"] for r in series])
+    # the compression step, and the whole prefill (with strategies whose statistics are fused into attention)
+    checked = [*memory["compression_step"].values(), *memory["prefill"].values()]
+    verdicts = [s["linear"] for s in checked if s["linear"] is not None]
+    memory["all_linear"] = all(verdicts) if verdicts else None
 
     length, ratio = config.cache_length, config.sweep_ratio
     named = {
         "full, stock cache": Arm(FULL, 0.0, length, "stock"),
         "full, our growing cache": Arm(FULL, 0.0, length, "growing"),
-        "compressed, stock cache": Arm(config.cache_strategy, ratio, length, "stock"),
-        "compressed, our growing cache": Arm(config.cache_strategy, ratio, length, "growing"),
-        "native-K, stock cache": Arm(NATIVE, ratio, length, "stock"),
-        "native-K, our growing cache": Arm(NATIVE, ratio, length, "growing"),
+        f"{config.cache_strategy}, stock cache": Arm(config.cache_strategy, ratio, length, "stock"),
+        f"{config.cache_strategy}, our growing cache": Arm(config.cache_strategy, ratio, length, "growing"),
     }
+    for strategy in config.sweep_strategies:
+        if strategy != config.cache_strategy and length in config.sweep_lengths:
+            named[f"{strategy}, our growing cache"] = Arm(strategy, ratio, length, "growing")
+    named["native-K, stock cache"] = Arm(NATIVE, ratio, length, "stock")
+    named["native-K, our growing cache"] = Arm(NATIVE, ratio, length, "growing")
     base = rows[named["full, stock cache"].key]
+    base_growing = rows[named["full, our growing cache"].key]
     weights = base["weight_mib"]
     caches = []
     for name, arm in named.items():
         row = dict(rows[arm.key], name=name)
         row["decode_speedup"] = _ratio(base["decode_ms"], row["decode_ms"])
+        row["decode_speedup_vs_growing"] = _ratio(base_growing["decode_ms"], row["decode_ms"])
         row["bytes_bound"] = (weights + base["kv_mib"]) / (weights + row["kv_mib"])
         caches.append(row)
 
@@ -856,13 +1041,20 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
         "machine": machine_info(),
         "targets": {
             "native_ratio_max": NATIVE_TARGET,
-            "overhead_max": {s: OVERHEAD_TARGETS.get(s, OVERHEAD_TARGET_OTHERS) for s in config.sweep_strategies},
+            "overhead_max": {s: t["max"] for s, t in overhead_targets.items()},
+            "wall_minutes_max": WALL_TARGET_MINUTES,
+            "linear_doubling_ratio_max": LINEAR_TOLERANCE,
         },
         "grid": grid,
         "sweep": sweep,
         "overhead_targets": overhead_targets,
+        "memory": memory,
         "caches": caches,
         "all_native_targets_met": all(r["native_met"] for e in sweep for r in e["strategies"].values()),
+        "allocator": {
+            "prefill": "glibc, MALLOC_MMAP_THRESHOLD_=131072 (process isolation)",
+            "decode": f"glibc, mallopt M_MMAP_THRESHOLD={DECODE_MMAP_THRESHOLD}",
+        },
         "arms": results,
     }
 
@@ -871,44 +1063,69 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """``value`` formatted, or a dash as wide as the spec's width."""
+    if value is None:
+        width = spec.split(".")[0]
+        return format("-", ">" + width) if width.isdigit() else "-"
+    return format(value, spec)
 
 
 def _verdict(met: bool | None) -> str:
     return "" if met is None else ("PASS" if met else "MISS")
 
 
+def _memory_checks(memory: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The memory series checked for linearity, named: each strategy's compression step and whole prefill."""
+    checks = []
+    for strategy in memory["compression_step"]:
+        checks.append((f"{strategy} compression step", memory["compression_step"][strategy]))
+        checks.append((f"{strategy} whole prefill", memory["prefill"][strategy]))
+    return checks
+
+
+def _peak_at(series: dict[str, Any], length: int) -> float | None:
+    return series["peak_mib"][series["lengths"].index(length)] if length in series["lengths"] else None
+
+
 def format_tables(summary: dict[str, Any]) -> str:
-    """The printed report: model, grid, sweep, cache arms."""
+    """The printed report: model, grid, sweep, overhead, memory, cache arms."""
     config, machine = summary["config"], summary["machine"]
     lines = [
         f"decode: LLaVA (Llama text model hidden {config['hidden']}, MLP {config['intermediate']}, "
         f"{config['layers']} layers, {config['heads']} heads / {config['kv_heads']} KV heads, vocab {config['vocab']}, "
         f"float32, sdpa), prompts {100 * config['image_fraction']:g}% image tokens, {config['decode_tokens']} "
-        f"decode tokens, {config['repeats']} repeat(s), one process per arm",
+        f"decode tokens, {config['repeats']} repeat(s), one process per prompt length",
         f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['torch_threads']} threads, "
         f"{machine['cpu_count']} CPUs, load average at the end {machine['load_average']}",
-        "decode = median ms per decode step; overhead = prefill with compression / prefill of full (end to end) "
-        "and 1 + compression / (prefill - compression) (direct); peaks = RSS high-water growth",
+        "decode = median ms per decode step; ovh = prefill with compression / prefill of full at the same L "
+        "(CPU time with one thread, else wall; 'ovh wall' = wall time), 'ovh dir' = 1 + compression / "
+        "(prefill - compression); peak = RSS high-water growth of the prefill, step = of the largest compression step",
         "",
         f"GRID (L = {config['grid_length']})",
     ]
     header = (
-        f"{'strategy':<15} {'r':>4} {'prefill s':>9} {'compr s':>8} {'ovh e2e':>7} {'ovh dir':>7} "
+        f"{'strategy':<15} {'r':>4} {'prefill s':>9} {'compr s':>8} {'ovh':>6} {'ovh wall':>8} {'ovh dir':>7} "
         f"{'peak MiB':>8} {'step MiB':>8} {'KV MiB':>8} {'decode ms':>9} {'speedup':>7}"
     )
     lines += [header, "-" * len(header)]
     for row in summary["grid"]:
+        compressed = row["strategy"] != FULL
         lines.append(
-            f"{row['strategy']:<15} {('-' if row['strategy'] == FULL else format(row['ratio'], '.1f')):>4} "
+            f"{row['strategy']:<15} {(format(row['ratio'], '.1f') if compressed else '-'):>4} "
             f"{_fmt(row['prefill_s'], '9.2f')} {_fmt(row['compression_s'], '8.3f')} "
-            f"{_fmt(row['overhead_end_to_end'], '7.3f')} {_fmt(row['overhead_direct'], '7.3f')} "
+            f"{_fmt(row['overhead'], '6.3f')} {_fmt(row['overhead_end_to_end'], '8.3f')} "
+            f"{_fmt(row['overhead_direct'] if compressed else None, '7.3f')} "
             f"{_fmt(row['prefill_peak_mib'], '8.0f')} {_fmt(row['compression_peak_mib'], '8.1f')} "
             f"{_fmt(row['kv_mib'], '8.1f')} {_fmt(row['decode_ms'], '9.1f')} {_fmt(row['decode_speedup'], '7.2f')}"
         )
-    lines += ["", f"LENGTH SWEEP (r = {config['sweep_ratio']}; native-K: a K-token prompt, no compressor)"]
+    lines += [
+        "",
+        f"LENGTH SWEEP (r = {config['sweep_ratio']}; native-K: a K-token prompt, no compressor; '/native' = decode ms "
+        "over native-K's with the same (growing) cache, target <= "
+        f"{NATIVE_TARGET}; '/nat.stk' = over native-K's with the stock cache)",
+    ]
     header = (
-        f"{'L':>6} {'K':>5} {'arm':<22} {'prefill s':>9} {'compr s':>8} {'ovh e2e':>7} {'ovh dir':>7} "
+        f"{'L':>6} {'K':>5} {'arm':<22} {'prefill s':>9} {'compr s':>8} {'ovh':>6} {'ovh wall':>8} "
         f"{'peak MiB':>8} {'step MiB':>8} {'KV MiB':>8} {'decode ms':>9} {'/native':>7} {'':4} {'/nat.stk':>8} "
         f"{'speedup':>7}"
     )
@@ -919,42 +1136,82 @@ def format_tables(summary: dict[str, Any]) -> str:
             ("full (stock)", entry["full"], None),
             ("native-K (stock)", entry["native_stock"], None),
             ("native-K (growing)", entry["native_growing"], None),
-        ] + [(f"{s} (growing)", row, row) for s, row in entry["strategies"].items()]
+        ] + [(f"{s} (growing)", row, row) for s, row in {**entry["strategies"], **entry["extra"]}.items()]
         for name, row, compressed in arms:
+            native_met = compressed.get("native_met") if compressed else None
             lines.append(
                 f"{length:>6} {k:>5} {name:<22} {_fmt(row['prefill_s'], '9.2f')} {_fmt(row['compression_s'], '8.3f')} "
-                f"{_fmt(compressed and compressed['overhead_end_to_end'], '7.3f')} "
-                f"{_fmt(compressed and compressed['overhead_direct'], '7.3f')} "
+                f"{_fmt(compressed and compressed['overhead'], '6.3f')} "
+                f"{_fmt(compressed and compressed['overhead_end_to_end'], '8.3f')} "
                 f"{_fmt(row['prefill_peak_mib'], '8.0f')} "
                 f"{_fmt(row['compression_peak_mib'] if compressed else None, '8.1f')} {_fmt(row['kv_mib'], '8.1f')} "
                 f"{_fmt(row['decode_ms'], '9.1f')} {_fmt(compressed and compressed['vs_native'], '7.3f')} "
-                f"{_verdict(compressed['native_met']) if compressed else '':4} "
+                f"{_verdict(native_met):4} "
                 f"{_fmt(compressed and compressed['vs_native_stock'], '8.3f')} "
                 f"{_fmt(compressed and compressed['decode_speedup'], '7.2f')}"
             )
     lines.append("")
-    lines.append(f"compression overhead at L = {max(config['sweep_lengths'])}:")
+    lines.append(f"COMPRESSION OVERHEAD at L = {max(config['sweep_lengths'])} (prefill with compression / without):")
     for strategy, target in summary["overhead_targets"].items():
         lines.append(
-            f"  {strategy:<15} direct {_fmt(target['direct'], '.3f')}, end to end {_fmt(target['end_to_end'], '.3f')}"
-            f" (target <= {target['max']}) {_verdict(target['met'])}"
+            f"  {strategy:<15} {_fmt(target['overhead'], '.3f')} ({target['measure']}; "
+            f"wall {_fmt(target['wall'], '.3f')}, direct {_fmt(target['direct'], '.3f')}) "
+            f"target <= {target['max']} {_verdict(target['met'])}"
         )
-    lines += ["", f"CACHE ARMS (L = {config['cache_length']}, {config['cache_strategy']} r = {config['sweep_ratio']})"]
+    memory = summary["memory"]
+    strategies = list(memory["compression_step"])
+    lines += [
+        "",
+        "PEAK MEMORY vs L (RSS high-water growth, MiB; B/tok = bytes per prompt token; [H,L,L] = one layer's "
+        "float32 score matrix, never allocated)",
+    ]
+    header = f"{'L':>6} {'[H,L,L] MiB':>11} {'full prefill':>12}" + "".join(
+        f" {s + ' prefill':>22} {'step':>7} {'step B/tok':>10}" for s in strategies
+    )
+    lines += [header, "-" * len(header)]
+    full_series = memory["prefill"]["full"]
+    for index, length in enumerate(memory["lengths"]):
+        line = f"{length:>6} {memory['score_matrix_mib'][index]:>11.0f} {_fmt(_peak_at(full_series, length), '12.0f')}"
+        for strategy in strategies:
+            step = memory["compression_step"][strategy]
+            line += (
+                f" {_fmt(_peak_at(memory['prefill'][strategy], length), '22.0f')} "
+                f"{_fmt(_peak_at(step, length), '7.1f')} "
+                f"{_fmt(step['bytes_per_token'].get(str(length)), '10.0f')}"
+            )
+        lines.append(line)
+    for name, series in _memory_checks(memory):
+        fit = series["fit_bytes"]
+        fit_text = (
+            "-"
+            if fit is None
+            else f"{fit['slope']:.0f} B/token + {fit['intercept'] / 2**20:.1f} MiB "
+            f"(largest residual {100 * fit['max_relative_residual']:.0f}%)"
+        )
+        lines.append(
+            f"  {name}: linear fit {fit_text}; bytes/token at L over at L/2: "
+            f"{_fmt(series['doubling_ratio'], '.2f')} (linear: <= {LINEAR_TOLERANCE}) {_verdict(series['linear'])}"
+        )
+    lines += [
+        "",
+        f"CACHE ARMS (L = {config['cache_length']}, r = {config['sweep_ratio']}; speedup over full with the stock "
+        "cache and over full with our growing cache; bytes bound = (weights + full KV) / (weights + arm KV))",
+    ]
     header = (
-        f"{'arm':<30} {'KV MiB':>8} {'alloc MiB':>9} {'step peak MiB':>13} {'decode ms':>9} {'speedup':>7} "
-        f"{'bytes bound':>11}"
+        f"{'arm':<34} {'KV MiB':>8} {'alloc MiB':>9} {'step peak MiB':>13} {'decode ms':>9} {'speedup':>7} "
+        f"{'vs growing':>10} {'bytes bound':>11}"
     )
     lines += [header, "-" * len(header)]
     for row in summary["caches"]:
         lines.append(
-            f"{row['name']:<30} {_fmt(row['kv_mib'], '8.1f')} {_fmt(row['kv_allocated_mib'], '9.1f')} "
+            f"{row['name']:<34} {_fmt(row['kv_mib'], '8.1f')} {_fmt(row['kv_allocated_mib'], '9.1f')} "
             f"{_fmt(row['decode_peak_mib'], '13.1f')} {_fmt(row['decode_ms'], '9.1f')} "
-            f"{_fmt(row['decode_speedup'], '7.2f')} {_fmt(row['bytes_bound'], '11.2f')}"
+            f"{_fmt(row['decode_speedup'], '7.2f')} {_fmt(row['decode_speedup_vs_growing'], '10.2f')} "
+            f"{_fmt(row['bytes_bound'], '11.2f')}"
         )
     weights = summary["caches"][0]["weight_mib"]
     lines += [
-        f"speedup = full (stock) decode ms / arm decode ms; bytes bound = (weights + full KV) / (weights + arm KV),"
-        f" weights read per step = {weights:.0f} MiB",
+        f"weights read per decode step = {weights:.0f} MiB (text decoder layers, final norm, LM head)",
         "",
         f"native-K target (compressed / native-K with the same cache class <= {NATIVE_TARGET}) at every length: "
         f"{'PASS' if summary['all_native_targets_met'] else 'MISS'}",
@@ -962,44 +1219,228 @@ def format_tables(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _md(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """A Markdown table; the first ``left`` columns are text (left-aligned), the others numbers."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < left else "--:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    """The tables of :func:`format_tables` as Markdown (for docs/performance.md)."""
+    config = summary["config"]
+    out = [f"**Grid** (L = {config['grid_length']})", ""]
+    rows = []
+    for row in summary["grid"]:
+        compressed = row["strategy"] != FULL
+        rows.append(
+            [
+                f"`{row['strategy']}`",
+                format(row["ratio"], ".1f") if compressed else "-",
+                _md(row["prefill_s"], ".2f"),
+                _md(row["compression_s"], ".3f"),
+                _md(row["overhead"], ".3f") if compressed else "1",
+                _md(row["prefill_peak_mib"], ".0f"),
+                _md(row["compression_peak_mib"], ".1f"),
+                _md(row["kv_mib"], ".1f"),
+                _md(row["decode_ms"], ".1f"),
+                _md(row["decode_speedup"], ".2f"),
+            ]
+        )
+    header = [
+        "strategy",
+        "r",
+        "prefill s",
+        "compression s",
+        "overhead",
+        "prefill peak MiB",
+        "step peak MiB",
+        "KV MiB",
+        "decode ms/token",
+        "speedup",
+    ]
+    out += _md_table(header, rows)
+    out += ["", f"**Length sweep** (r = {config['sweep_ratio']})", ""]
+    rows = []
+    for entry in summary["sweep"]:
+        arms = [
+            ("full (stock)", entry["full"], None),
+            ("native-K (stock)", entry["native_stock"], None),
+            ("native-K (growing)", entry["native_growing"], None),
+        ] + [(f"{s} (growing)", row, row) for s, row in {**entry["strategies"], **entry["extra"]}.items()]
+        for name, row, compressed in arms:
+            met = compressed.get("native_met") if compressed else None
+            rows.append(
+                [
+                    str(entry["length"]),
+                    str(entry["K"]),
+                    name,
+                    _md(row["prefill_s"], ".2f"),
+                    _md(row["compression_s"], ".3f"),
+                    _md(compressed and compressed["overhead"], ".3f"),
+                    _md(row["kv_mib"], ".1f"),
+                    _md(row["decode_ms"], ".1f"),
+                    (_md(compressed and compressed["vs_native"], ".3f") + f" {_verdict(met)}").strip(),
+                    _md(compressed and compressed["decode_speedup"], ".2f"),
+                ]
+            )
+    header = [
+        "L",
+        "K",
+        "arm",
+        "prefill s",
+        "compression s",
+        "overhead",
+        "KV MiB",
+        "decode ms/token",
+        "/ native-K",
+        "speedup",
+    ]
+    out += _md_table(header, rows, left=3)
+    out += ["", f"**Compression overhead** at L = {max(config['sweep_lengths'])}", ""]
+    rows = [
+        [
+            f"`{strategy}`",
+            _md(t["overhead"], ".3f"),
+            t["measure"],
+            _md(t["wall"], ".3f"),
+            _md(t["direct"], ".3f"),
+            f"<= {t['max']}",
+            _verdict(t["met"]),
+        ]
+        for strategy, t in summary["overhead_targets"].items()
+    ]
+    out += _md_table(["strategy", "overhead", "measured on", "wall", "direct", "target", "verdict"], rows)
+    memory = summary["memory"]
+    strategies = list(memory["compression_step"])
+    out += ["", "**Peak memory against L** (RSS high-water growth, MiB)", ""]
+    header = ["L", "[heads, L, L] fp32", "full: prefill"]
+    for strategy in strategies:
+        header += [f"{strategy}: prefill", f"{strategy}: step", f"{strategy}: step B/token"]
+    rows = []
+    for index, length in enumerate(memory["lengths"]):
+        row = [
+            str(length),
+            f"{memory['score_matrix_mib'][index]:.0f}",
+            _md(_peak_at(memory["prefill"]["full"], length), ".0f"),
+        ]
+        for strategy in strategies:
+            step = memory["compression_step"][strategy]
+            row += [
+                _md(_peak_at(memory["prefill"][strategy], length), ".0f"),
+                _md(_peak_at(step, length), ".1f"),
+                _md(step["bytes_per_token"].get(str(length)), ".0f"),
+            ]
+        rows.append(row)
+    out += _md_table(header, rows)
+    out.append("")
+    for name, series in _memory_checks(memory):
+        fit = series["fit_bytes"]
+        if fit is not None:
+            out.append(
+                f"- {name}: {fit['slope']:.0f} bytes/token + {fit['intercept'] / 2**20:.1f} MiB "
+                f"(largest residual {100 * fit['max_relative_residual']:.0f}%); bytes per token at L over L/2: "
+                f"{_md(series['doubling_ratio'], '.2f')} {_verdict(series['linear'])}"
+            )
+    out += ["", f"**Cache arms** (L = {config['cache_length']}, r = {config['sweep_ratio']})", ""]
+    rows = [
+        [
+            row["name"],
+            _md(row["kv_mib"], ".1f"),
+            _md(row["kv_allocated_mib"], ".1f"),
+            _md(row["decode_ms"], ".1f"),
+            _md(row["decode_speedup"], ".2f"),
+            _md(row["decode_speedup_vs_growing"], ".2f"),
+            _md(row["bytes_bound"], ".2f"),
+        ]
+        for row in summary["caches"]
+    ]
+    header = [
+        "arm",
+        "KV MiB",
+        "allocated MiB",
+        "decode ms/token",
+        "speedup vs full stock",
+        "vs full growing",
+        "bytes bound",
+    ]
+    out += _md_table(header, rows)
+    return "\n".join(out) + "\n"
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """Decode ms/token against prompt length, one line per arm of the sweep (log-log)."""
+    """Decode ms/token against prompt length (log L), one line per arm of the sweep; beside it, peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sweep = summary["sweep"]
+    config = summary["config"]
     lengths = [e["length"] for e in sweep]
+    ticks = [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths]
     lines: dict[str, list[float | None]] = {
         "full (stock DynamicCache)": [e["full"]["decode_ms"] for e in sweep],
         "native-K (stock DynamicCache)": [e["native_stock"]["decode_ms"] for e in sweep],
         "native-K (GrowingLayer)": [e["native_growing"]["decode_ms"] for e in sweep],
     }
-    ratio = summary["config"]["sweep_ratio"]
-    for strategy in summary["config"]["sweep_strategies"]:
+    ratio = config["sweep_ratio"]
+    for strategy in config["sweep_strategies"]:
         lines[f"{strategy} r={ratio:g} (GrowingLayer)"] = [e["strategies"][strategy]["decode_ms"] for e in sweep]
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    styles = ["o-", "s--", "s-", "^-", "v-", "d-"]
+    figure, (axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [3, 2]})
+    styles = ["o-", "s--", "s-", "^-", "v-", "d-", "x-"]
     for (label, values), style in zip(lines.items(), styles):
         points = [(x, y) for x, y in zip(lengths, values) if y is not None]
         axis.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     axis.set_xscale("log", base=2)
-    axis.set_yscale("log")
-    axis.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
-    axis.set_xlabel("prompt length L (tokens; native-K: the L its K = int(L * (1 - r)) stands for)")
+    axis.set_yscale("log")  # the stock full cache grows far faster than the rest: log keeps both readable
+    axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.tick_params(axis="y", which="minor", labelsize=7)
+    axis.set_xticks(lengths, ticks)
+    axis.set_xlabel("prompt length L (native-K: the L its K = int(L * (1 - r)) stands for)", fontsize=9)
     axis.set_ylabel("decode ms / token (median step)")
-    config = summary["config"]
     axis.set_title(
-        f"Decode speed, random LLaVA (hidden {config['hidden']}, {config['layers']} layers), "
-        f"{100 * config['image_fraction']:g}% image tokens",
-        fontsize=10,
+        f"Decode, random LLaVA (hidden {config['hidden']}, {config['layers']} layers, "
+        f"{config['kv_heads']} KV heads), {100 * config['image_fraction']:g}% image tokens",
+        fontsize=9,
     )
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7)
+
+    memory = summary["memory"]
+    full = memory["prefill"]["full"]
+    memory_axis.plot(full["lengths"], full["peak_mib"], "o-", label="full: whole prefill")
+    for index, (strategy, series) in enumerate(memory["compression_step"].items()):
+        color = f"C{index + 1}"
+        prefill = memory["prefill"][strategy]
+        memory_axis.plot(
+            prefill["lengths"], prefill["peak_mib"], "s--", color=color, label=f"{strategy}: whole prefill"
+        )
+        memory_axis.plot(
+            series["lengths"], series["peak_mib"], "^-", color=color, label=f"{strategy}: compression step"
+        )
+    memory_axis.plot(
+        lengths, memory["score_matrix_mib"], ":", color="grey", label="one [heads, L, L] fp32 (not allocated)"
+    )
+    memory_axis.set_xscale("log", base=2)
+    memory_axis.set_yscale("log")
+    memory_axis.set_xticks(lengths, ticks)
+    memory_axis.set_xlabel("prompt length L", fontsize=9)
+    memory_axis.set_ylabel("peak RSS growth (MiB)")
+    memory_axis.set_title("Peak memory (slope 1 = linear in L)", fontsize=9)
+    memory_axis.grid(True, which="both", alpha=0.3)
+    memory_axis.legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
 
 
@@ -1022,13 +1463,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--decode-tokens", type=int, default=None, help=f"tokens generated (default {defaults.decode_tokens})"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed generations per arm (median)")
+    parser.add_argument(
+        "--decode-burst",
+        type=int,
+        default=None,
+        help=f"decode steps per arm and turn (default {defaults.decode_burst})",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed prefills per arm (median)")
     parser.add_argument("--grid-length", type=int, default=None)
     parser.add_argument("--grid-ratios", type=_floats, default=None, help="comma-separated")
     parser.add_argument("--grid-strategies", nargs="+", default=None)
     parser.add_argument("--sweep-lengths", type=_ints, default=None, help="comma-separated")
     parser.add_argument("--sweep-ratio", type=float, default=None)
     parser.add_argument("--sweep-strategies", nargs="+", default=None)
+    parser.add_argument(
+        "--overhead-strategies",
+        nargs="*",
+        default=None,
+        help="strategies added at the longest sweep length only, for their prefill overhead "
+        f"(default: {' '.join(defaults.overhead_strategies) or 'none'})",
+    )
     parser.add_argument("--cache-length", type=int, default=None)
     parser.add_argument("--cache-strategy", default=None)
     parser.add_argument("--hidden", type=int, default=None)
@@ -1042,17 +1496,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
         "--isolation",
-        choices=("subprocess", "inline"),
-        default="subprocess",
-        help="a fresh process per arm (honest peak memory; default) or all arms in this process (fast)",
+        choices=("process", "inline"),
+        default="process",
+        help="a fresh process per prompt length (default; glibc mmap threshold fixed: honest peak memory) "
+        "or everything in this process",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results; the plot goes beside it (.png)")
     parser.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside --out)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-prefill", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-decode", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-paths", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-arms", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1065,6 +1519,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         name: getattr(args, name)
         for name in (
             "decode_tokens",
+            "decode_burst",
             "repeats",
             "grid_length",
             "grid_ratios",
@@ -1072,6 +1527,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "sweep_lengths",
             "sweep_ratio",
             "sweep_strategies",
+            "overhead_strategies",
             "cache_length",
             "cache_strategy",
             "hidden",
@@ -1086,13 +1542,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
         )
         if getattr(args, name) is not None
     }
-    for name in ("grid_strategies", "sweep_strategies"):
+    for name in ("grid_strategies", "sweep_strategies", "overhead_strategies"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
     config = replace(config, **overrides)
-    for name in (*config.grid_strategies, *config.sweep_strategies, config.cache_strategy):
+    for name in (*config.grid_strategies, *config.sweep_strategies, *config.overhead_strategies, config.cache_strategy):
         Compressor.from_name(name)  # unknown names fail early, with the available ones
     return config
+
+
+def rounded(value: Any, digits: int = 5) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (a smaller JSON file)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v, digits) for v in value]
+    return value
 
 
 def _cpu_seconds() -> float:
@@ -1106,8 +1573,8 @@ def _cpu_seconds() -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the tables, write JSON and PNG; returns the summary."""
     args = parse_args(argv)
-    if args.worker_config is not None:  # one phase, in a fresh process
-        print(json.dumps(worker(config_from_json(args.worker_config), args)))
+    if args.worker_config is not None:  # one prompt length, in a fresh process
+        worker(config_from_json(args.worker_config), [Arm(**a) for a in json.loads(args.worker_arms)], args.worker_out)
         return {}
     config = config_from_args(args)
     if config.threads is not None:
@@ -1120,15 +1587,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary["isolation"] = args.isolation
     print(format_tables(summary))
     threads = summary["machine"]["torch_threads"]
+    minutes = summary["wall_seconds"] / 60
+    summary["wall_target_met"] = minutes <= WALL_TARGET_MINUTES
     print(
-        f"\nwall time: {summary['wall_seconds'] / 60:.1f} min; CPU time {summary['cpu_seconds'] / 60:.1f} min "
-        f"(/ {threads} threads = {summary['cpu_seconds'] / threads / 60:.1f} min: about the wall time when idle)"
+        f"\nwall time: {minutes:.1f} min (target <= {WALL_TARGET_MINUTES:g}) {_verdict(summary['wall_target_met'])}; "
+        f"CPU time {summary['cpu_seconds'] / 60:.1f} min (/ {threads} threads = "
+        f"{summary['cpu_seconds'] / threads / 60:.1f} min: about the wall time when idle)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    args.out.write_text(json.dumps(rounded(summary), indent=1) + "\n")
     plot_path = args.plot or args.out.with_suffix(".png")
     plot(summary, plot_path)
-    print(f"written: {args.out}, {plot_path}")
+    markdown = args.out.with_suffix(".md")
+    markdown.write_text(format_markdown(summary))
+    print(f"written: {args.out}, {plot_path}, {markdown}")
     return summary
 
 

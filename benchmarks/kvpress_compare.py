@@ -1,7 +1,7 @@
 """kvpress-mm side by side with NVIDIA kvpress 0.5.5: time and kept entries on the same model and prompt.
 
     bash benchmarks/setup_kvpress_env.sh             # once: kvpress in its own venv (transformers < 5.3)
-    .venv/bin/python benchmarks/kvpress_compare.py   # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/kvpress_compare.py --threads 1   # about 10 minutes on one core
 
 A random-weight ``LlamaForCausalLM`` (by default the text model of benchmarks/decode.py: hidden
 1024, MLP 2816, 8 layers, 16 heads, 16 KV heads, vocabulary 4096, float32) is built once and saved
@@ -19,7 +19,9 @@ order alternating between repeats):
 | ``h2o`` | ``h2o`` without decode eviction, no window (sdpa) | ``ObservedAttentionPress`` (needs eager attention) |
 | ``baseline-eager`` | - | no press (eager): what eager attention alone costs |
 
-Reported: prefill time with compression (ours / kvpress; target <= 1.0), compression time, decode
+``--threads`` sets torch's threads on both sides. Reported: prefill time with compression (ours /
+kvpress; target <= 1.0; the ratio of process CPU times with ``--threads 1``, which time slices
+lost to other load on a shared machine do not inflate, else of wall times), compression time, decode
 ms/token (median step; ours uses the session's GrowingLayer, kvpress transformers' DynamicLayer),
 and whether the kept entries are identical (per layer and KV head) for SnapKV and StreamingLLM.
 Without the kvpress venv, only kvpress-mm's side runs (and is reported).
@@ -45,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from decode import CompressionProbe, machine_info  # noqa: E402
+from decode import CompressionProbe, machine_info, rounded  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "kvpress_compare.json"
 KVPRESS_VENV = HERE / ".kvpress-venv"
@@ -163,6 +165,7 @@ def ours_worker(model_dir: Path, prompt_path: Path, settings: dict[str, Any], de
 
     kept: dict[int, list[list[int]]] = {}
     recording = False
+    current_cache: Any = None
     original_apply = session_module.apply_plan
 
     def recording_apply(layer: Any, plan: Any) -> None:
@@ -172,15 +175,19 @@ def ours_worker(model_dir: Path, prompt_path: Path, settings: dict[str, Any], de
         original_apply(layer, plan)
 
     stamps: list[float] = []
+    cpu: list[float] = []
 
     def timer(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         stamps.append(time.perf_counter())
+        if len(stamps) == 1:
+            cpu.append(time.process_time())
         return scores
 
-    def run(ids: torch.Tensor, new_tokens: int) -> float:
+    def run(ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
         nonlocal current_cache
         current_cache = DynamicCache(config=model.config)
         stamps.clear()
+        cpu.clear()
         options: dict[str, Any] = dict(
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
@@ -190,32 +197,33 @@ def ours_worker(model_dir: Path, prompt_path: Path, settings: dict[str, Any], de
             logits_processor=LogitsProcessorList([timer]),
         )
         with torch.inference_mode():
+            cpu_start = time.process_time()
             start = time.perf_counter()
             if compressor is None:
                 model.generate(ids, **options)
             else:
                 with compressor(model):
                     model.generate(ids, **options)
-        return start
+        return start, cpu_start
 
-    current_cache: Any = None
     probe = CompressionProbe()
     probe.install()
-    session_module.apply_plan = recording_apply  # type: ignore[assignment]
+    session_module.apply_plan = recording_apply
     try:
         run(input_ids[:, :256], 2)  # warm-up: lazy initialisations
         probe.reset()
         probe.active, recording = probe.available, True
-        start = run(input_ids, decode_tokens)
+        start, cpu_start = run(input_ids, decode_tokens)
         probe.active = False
     finally:
-        session_module.apply_plan = original_apply  # type: ignore[assignment]
+        session_module.apply_plan = original_apply
         probe.uninstall()
     return {
         "side": "ours",
         "compressor": repr(compressor),
         "prompt_length": int(input_ids.shape[1]),
         "prefill_s": stamps[0] - start,
+        "prefill_cpu_s": cpu[0] - cpu_start,
         "compression_s": probe.seconds if compressor is not None else 0.0,
         "decode_step_ms": [1000 * (b - a) for a, b in zip(stamps, stamps[1:])],
         "kept": {str(k): v for k, v in sorted(kept.items())},
@@ -311,6 +319,15 @@ def compare_kept(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def without_kept(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` without the runs' kept positions (``rows[*]["kept"]`` compares them), for a small JSON."""
+    runs = {
+        arm: {side: [{k: v for k, v in r.items() if k != "kept"} for r in results] for side, results in sides.items()}
+        for arm, sides in summary["runs"].items()
+    }
+    return {**summary, "runs": runs}
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -331,11 +348,17 @@ def summarize(config: Config, runs: dict[str, dict[str, list[dict[str, Any]]]], 
             results = sides.get(side, [])
             row[side] = {
                 "prefill_s": _median([r["prefill_s"] for r in results]),
+                "prefill_cpu_s": _median([r["prefill_cpu_s"] for r in results if "prefill_cpu_s" in r]),
                 "compression_s": _median([r["compression_s"] for r in results]),
                 "decode_ms": _median([statistics.median(r["decode_step_ms"]) for r in results if r["decode_step_ms"]]),
                 "runs": len(results),
             }
-        row["prefill_ratio"] = _ratio(row["ours"]["prefill_s"], row["kvpress"]["prefill_s"])
+        row["prefill_wall_ratio"] = _ratio(row["ours"]["prefill_s"], row["kvpress"]["prefill_s"])
+        row["prefill_cpu_ratio"] = _ratio(row["ours"]["prefill_cpu_s"], row["kvpress"]["prefill_cpu_s"])
+        # one thread: process CPU time is the prefill's own work (immune to time slices lost to other load)
+        cpu = config.threads == 1 and row["prefill_cpu_ratio"] is not None
+        row["prefill_measure"] = "CPU time" if cpu else "wall time"
+        row["prefill_ratio"] = row["prefill_cpu_ratio"] if cpu else row["prefill_wall_ratio"]
         row["decode_ratio"] = _ratio(row["ours"]["decode_ms"], row["kvpress"]["decode_ms"])
         row["prefill_target_met"] = None if row["prefill_ratio"] is None else row["prefill_ratio"] <= PREFILL_TARGET
         if sides.get("ours") and sides.get("kvpress") and (pair.compare_kept or pair.name == "h2o"):
@@ -373,7 +396,8 @@ def format_table(summary: dict[str, Any]) -> str:
     if not summary["kvpress_ran"]:
         lines.append("kvpress venv not found (bash benchmarks/setup_kvpress_env.sh): kvpress-mm's side only")
     header = (
-        f"{'arm':<15} {'prefill s ours':>14} {'kvpress':>8} {'ratio':>6} {'':4} {'compr s ours':>12} {'kvpress':>8} "
+        f"{'arm':<15} {'prefill s ours':>14} {'kvpress':>8} {'ratio':>6} {'':4} {'wall':>6} {'compr s ours':>12} "
+        f"{'kvpress':>8} "
         f"{'decode ms ours':>14} {'kvpress':>8} {'ratio':>6}  kept entries"
     )
     lines += ["", header, "-" * len(header)]
@@ -391,19 +415,69 @@ def format_table(summary: dict[str, Any]) -> str:
             )
         lines.append(
             f"{row['arm']:<15} {_fmt(ours['prefill_s'], '14.2f')} {_fmt(theirs['prefill_s'], '8.2f')} "
-            f"{_fmt(row['prefill_ratio'], '6.3f')} {verdict:4} {_fmt(ours['compression_s'], '12.3f')} "
+            f"{_fmt(row['prefill_ratio'], '6.3f')} {verdict:4} {_fmt(row['prefill_wall_ratio'], '6.3f')} "
+            f"{_fmt(ours['compression_s'], '12.3f')} "
             f"{_fmt(theirs['compression_s'], '8.3f')} {_fmt(ours['decode_ms'], '14.1f')} "
             f"{_fmt(theirs['decode_ms'], '8.1f')} {_fmt(row['decode_ratio'], '6.3f')}  {kept_text}"
         )
     lines += [
         "",
         f"prefill = start of generate to the first logits, compression included; ratio = ours / kvpress "
-        f"(target <= {PREFILL_TARGET} for the compressed arms). h2o: ours on sdpa with chunked column sums, "
+        f"(target <= {PREFILL_TARGET} for the compressed arms), of process CPU times with --threads 1, else of wall "
+        "times; 'wall' = the wall-time ratio. h2o: ours on sdpa with the column sums computed in chunks (no "
+        "[heads, L, L] tensor), "
         "kvpress's ObservedAttentionPress on eager attention (it needs the [heads, L, L] weights); its scores are "
         "normalised by each key's number of queries, ours are plain sums (H2O): different kept sets by design.",
         "decode = median step; ours decodes on the session's GrowingLayer, kvpress on DynamicLayer (torch.cat).",
     ]
     return "\n".join(lines)
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    """The comparison as a Markdown table (for docs/performance.md)."""
+    header = [
+        "arm",
+        "prefill s ours",
+        "kvpress",
+        "ratio",
+        "compression s ours",
+        "kvpress",
+        "decode ms ours",
+        "kvpress",
+        "ratio",
+        "kept entries",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "--:|" * (len(header) - 2) + "---|"]
+    for row in summary["rows"]:
+        ours, theirs = row["ours"], row["kvpress"]
+        met = row["prefill_target_met"]
+        verdict = "" if met is None or row["arm"].startswith("baseline") else (" PASS" if met else " MISS")
+        kept = row.get("kept")
+        kept_text = (
+            ""
+            if kept is None
+            else f"{'identical' if kept['all_identical'] else 'differ'}: {kept['identical_heads']}/{kept['heads']} "
+            f"heads, Jaccard {kept['mean_jaccard']:.3f}"
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{row['arm']}`",
+                    _fmt(ours["prefill_s"], ".2f"),
+                    _fmt(theirs["prefill_s"], ".2f"),
+                    _fmt(row["prefill_ratio"], ".3f") + verdict,
+                    _fmt(ours["compression_s"], ".3f"),
+                    _fmt(theirs["compression_s"], ".3f"),
+                    _fmt(ours["decode_ms"], ".1f"),
+                    _fmt(theirs["decode_ms"], ".1f"),
+                    _fmt(row["decode_ratio"], ".3f"),
+                    kept_text,
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -429,6 +503,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kvpress-venv", type=Path, default=KVPRESS_VENV, help="where setup_kvpress_env.sh put it")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the saved model and prompt here")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--save-kept", action="store_true", help="keep every run's kept positions in the JSON (megabytes at 8k)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--ours-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -492,8 +569,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(summary))
     print(f"\nwall time: {summary['wall_seconds'] / 60:.1f} min")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"written: {args.out}")
+    written = summary if args.save_kept else without_kept(summary)
+    args.out.write_text(json.dumps(rounded(written), indent=1) + "\n")
+    markdown = args.out.with_suffix(".md")
+    markdown.write_text(format_markdown(summary))
+    print(f"written: {args.out}, {markdown}")
     return summary
 
 

@@ -57,6 +57,7 @@ class Recorder:
                 self.seconds += time.perf_counter() - start
 
         def recorded_score(module: Any, hidden_states: Any, keys: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            assert score is not None
             scores = score(module, hidden_states, keys, *args, **kwargs)
             if self.active:
                 n_kept = compute_n_kept(keys.shape[2], press.compression_ratio)
@@ -71,18 +72,21 @@ class Recorder:
 
 
 class StepTimer:
-    """A logits processor that timestamps every generation step."""
+    """A logits processor that timestamps every generation step (and the process CPU time at the first)."""
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.cpu = 0.0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.stamps.append(time.perf_counter())
+        if len(self.stamps) == 1:
+            self.cpu = time.process_time()
         return scores
 
 
-def generate(model: Any, press: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
-    """Greedy generation inside ``press``: (prefill seconds, decode step seconds)."""
+def generate(model: Any, press: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list[float]]:
+    """Greedy generation inside ``press``: (prefill seconds, prefill CPU seconds, decode step seconds)."""
     from transformers import DynamicCache, LogitsProcessorList
 
     timer = StepTimer()
@@ -95,13 +99,14 @@ def generate(model: Any, press: Any, input_ids: torch.Tensor, new_tokens: int) -
         logits_processor=LogitsProcessorList([timer]),
     )
     with torch.inference_mode():
+        cpu_start = time.process_time()
         start = time.perf_counter()
         if press is None:
             model.generate(input_ids, **options)
         else:
             with press(model):
                 model.generate(input_ids, **options)
-    return timer.stamps[0] - start, [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+    return timer.stamps[0] - start, timer.cpu - cpu_start, [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     generate(model, press, input_ids[:, :256], 2)  # warm-up: lazy initialisations
     if recorder is not None:
         recorder.seconds, recorder.active = 0.0, True
-    prefill, steps = generate(model, press, input_ids, args.decode_tokens)
+    prefill, prefill_cpu, steps = generate(model, press, input_ids, args.decode_tokens)
     result = {
         "side": "kvpress",
         "press": args.press,
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "attn": args.attn,
         "prompt_length": int(input_ids.shape[1]),
         "prefill_s": prefill,
+        "prefill_cpu_s": prefill_cpu,
         "compression_s": recorder.seconds if recorder is not None else 0.0,
         "decode_step_ms": [1000 * s for s in steps],
         "kept": {str(k): v for k, v in sorted(recorder.kept.items())} if recorder is not None else {},

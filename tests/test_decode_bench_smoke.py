@@ -61,8 +61,11 @@ def test_tiny_decode_run_reports_every_part(
         "--sweep-lengths=100,200",
         "--sweep-strategies",
         "lookm-pivotal",
+        "--overhead-strategies",
+        "snapkv",
         "--cache-length=200",
         "--decode-tokens=3",
+        "--decode-burst=2",
         "--threads=1",
         "--isolation=inline",
         "--quiet",
@@ -71,16 +74,22 @@ def test_tiny_decode_run_reports_every_part(
     decode.main(argv)
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
-    for part in ("GRID", "LENGTH SWEEP", "CACHE ARMS", "native-K target"):
+    for part in ("GRID", "LENGTH SWEEP", "COMPRESSION OVERHEAD", "PEAK MEMORY", "CACHE ARMS", "native-K target"):
         assert part in printed
+    assert "wall time:" in printed
     assert (tmp_path / "decode.png").stat().st_size > 0
 
-    # every arm was prefilled and decoded
+    # every arm was prefilled (uncompressed growing arms copy their stock arm's cache) and decoded
     for key, arm in summary["arms"].items():
-        assert arm["prefill_s"] and arm["prefill_s"][0] > 0, key
+        if arm["derived_from"] is None:
+            assert arm["prefill_s"] and arm["prefill_s"][0] > 0, key
+            assert arm["prefill_cpu_s"][0] > 0, key
+            assert arm["prefill_peak_growth"] >= 0, key
+        else:
+            assert arm["key"].endswith("growing") and arm["derived_from"] == arm["key"][: -len("growing")] + "stock"
+            assert arm["prefill_s"] == [] and arm["cache_layer_types"] == ["GrowingLayer"], key
         assert len(arm["decode_step_ms"]) == 3, key
         assert arm["decode_ms_per_token"] > 0, key
-        assert arm["prefill_peak_growth"] >= 0, key
 
     # the grid: full once, then every strategy at every ratio; compression measured directly
     grid = summary["grid"]
@@ -94,13 +103,17 @@ def test_tiny_decode_run_reports_every_part(
     for row in grid[1:]:
         assert row["compression_s"] is not None and row["compression_s"] > 0
         assert row["overhead_direct"] is not None and row["overhead_direct"] >= 1
+        assert row["overhead"] == row["overhead_cpu"] and row["overhead_end_to_end"] is not None  # --threads=1
         assert row["compression_peak_mib"] is not None
         assert row["cache_layer_types"] == ["GrowingLayer"]
-        # the cache holds n_keep entries, plus the growing layers' headroom allocated
+        # the cache holds n_keep entries; a growing layer allocates at most its headroom more
         n_keep = n_keep_for(200, row["ratio"])
-        assert row["kv_mib"] * 2**20 == n_keep * ENTRY_BYTES
-        assert row["kv_allocated_mib"] * 2**20 == (n_keep + GROWING_HEADROOM) * ENTRY_BYTES
-    assert grid[0]["kv_mib"] * 2**20 == 200 * ENTRY_BYTES and grid[0]["cache_layer_types"] == ["DynamicLayer"]
+        # the JSON rounds MiB: compare in bytes to within that rounding
+        assert row["kv_mib"] * 2**20 == pytest.approx(n_keep * ENTRY_BYTES, abs=16)
+        allocated = row["kv_allocated_mib"] * 2**20
+        assert n_keep * ENTRY_BYTES - 16 <= allocated <= (n_keep + GROWING_HEADROOM) * ENTRY_BYTES + 16
+    assert grid[0]["kv_mib"] * 2**20 == pytest.approx(200 * ENTRY_BYTES, abs=16)
+    assert grid[0]["cache_layer_types"] == ["DynamicLayer"]
 
     # the sweep: native-K is a prompt of K = n_keep tokens; ratios to it for the compressed arm
     for entry in summary["sweep"]:
@@ -109,33 +122,64 @@ def test_tiny_decode_run_reports_every_part(
         assert entry["native_growing"]["cache_layer_types"] == ["GrowingLayer"]
         row = entry["strategies"]["lookm-pivotal"]
         assert row["vs_native"] is not None and row["kv_mib"] == entry["native_stock"]["kv_mib"]
+        # --overhead-strategies: at the longest length only
+        assert list(entry["extra"]) == (["snapkv"] if entry["length"] == 200 else [])
+    assert set(summary["overhead_targets"]) == {"lookm-pivotal", "snapkv"}
+    assert summary["overhead_targets"]["lookm-pivotal"]["max"] == 1.3
+    assert summary["overhead_targets"]["snapkv"]["max"] == 1.05
+
+    # peak memory against L: every sweep length, bytes per token, a fit
+    memory = summary["memory"]
+    assert memory["lengths"] == [100, 200]
+    step = memory["compression_step"]["lookm-pivotal"]
+    assert step["lengths"] == [100, 200] and set(step["bytes_per_token"]) == {"100", "200"}
+    assert step["fit_bytes"] is not None and memory["prefill"]["full"]["peak_mib"][0] >= 0
 
     # the cache arms: stock and growing, full and compressed, with the bytes bound
     caches = {row["name"]: row for row in summary["caches"]}
     assert caches["full, stock cache"]["cache_layer_types"] == ["DynamicLayer"]
     assert caches["full, our growing cache"]["cache_layer_types"] == ["GrowingLayer"]
-    assert caches["compressed, stock cache"]["cache_layer_types"] == ["DynamicLayer"]
-    assert caches["compressed, our growing cache"]["cache_layer_types"] == ["GrowingLayer"]
+    assert caches["snapkv, stock cache"]["cache_layer_types"] == ["DynamicLayer"]
+    assert caches["snapkv, our growing cache"]["cache_layer_types"] == ["GrowingLayer"]
+    assert caches["lookm-pivotal, our growing cache"]["cache_layer_types"] == ["GrowingLayer"]
     assert caches["full, stock cache"]["bytes_bound"] == 1.0
-    assert caches["compressed, our growing cache"]["bytes_bound"] > 1.0
+    assert caches["full, our growing cache"]["kv_mib"] == caches["full, stock cache"]["kv_mib"]
+    assert caches["snapkv, our growing cache"]["bytes_bound"] > 1.0
 
 
-def test_workers_pass_caches_between_processes(decode: ModuleType, tmp_path: Path) -> None:
-    """Phase A (prefill) and phase B (decode) in fresh processes: the compressed cache travels with its state."""
+def test_one_prompt_length_in_a_fresh_process(decode: ModuleType) -> None:
+    """A worker process prefills and decodes every arm of one length; its progress lines advance the bar."""
     args = decode.parse_args([*TINY_MODEL, "--decode-tokens=3", "--threads=1", "--image-tokens=16"])
     config = decode.config_from_args(args)
-    runner = decode.Runner(config, "subprocess")
-    arms = [decode.Arm("h2o", 0.8, 120), decode.Arm("native-K", 0.8, 120, "stock")]
-    paths = [tmp_path / "h2o.pt", tmp_path / "native.pt"]
-    prefilled = [runner.prefill(arm, path) for arm, path in zip(arms, paths)]
-    assert all(path.exists() for path in paths)
-    assert prefilled[0]["compression_s"] and prefilled[0]["report"]["layers_compressed"] == 2
-    assert prefilled[1]["prompt_length"] == n_keep_for(120, 0.8)
-    decoded = runner.decode(arms, paths)
+    arms = [
+        decode.Arm("native-K", 0.8, 120, "stock"),
+        decode.Arm("native-K", 0.8, 120, "growing"),
+        decode.Arm("h2o", 0.8, 120),
+    ]
+
+    class Bar:
+        def __init__(self) -> None:
+            self.updates: list[str] = []
+            self.text = ""
+
+        def set_postfix_str(self, text: str) -> None:
+            self.text = text
+
+        def update(self) -> None:
+            self.updates.append(self.text)
+
+    bar = Bar()
+    results = decode.run_worker(config, arms, bar)
+    assert len(bar.updates) == len(arms) + decode.decode_rounds(config)
+    assert bar.updates[0] == f"prefill {arms[0].key}"
+    native, copied, h2o = (results[arm.key] for arm in arms)
+    assert native["prompt_length"] == n_keep_for(120, 0.8) and native["cache_layer_types"] == ["DynamicLayer"]
+    assert copied["derived_from"] == arms[0].key and copied["kv_bytes_held"] == native["kv_bytes_held"]
+    assert h2o["compression_s"] and h2o["report"]["layers_compressed"] == 2
     for arm in arms:
-        assert len(decoded[arm.key]["decode_step_ms"]) == 3
+        assert len(results[arm.key]["decode_step_ms"]) == 3
     # h2o evicts while decoding: the cache stays at its budget
-    assert decoded[arms[0].key]["kv_bytes_after_decode"] == n_keep_for(120, 0.8) * ENTRY_BYTES
+    assert h2o["kv_bytes_after_decode"] == n_keep_for(120, 0.8) * ENTRY_BYTES
 
 
 def test_compare_kept_sets() -> None:
