@@ -41,20 +41,11 @@ from kvpress_mm.models import LoadedModel, default_model, image_token_count
 from kvpress_mm.reference.model import has_task_vocabulary
 from kvpress_mm.reference.render import encode_context
 from kvpress_mm.reference.tasks import HELDOUT_SEED, MAX_IMAGES, TASK_KINDS, TaskGenerator, TaskPrompt
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 from kvpress_mm.tables import kib, render_table, wrap
 
 #: The strategies ``kvpress-mm demo`` runs when none are named (``full`` is the reference).
-DEFAULT_STRATEGIES = (
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-)
+DEFAULT_STRATEGIES = BUILTIN_STRATEGIES
 
 #: The reference strategy every other one is compared with.
 REFERENCE = "full"

@@ -496,3 +496,12 @@ def test_plugin_adapter_drives_a_compression_session(monkeypatch: pytest.MonkeyP
         out = model(input_ids, use_cache=True)
     assert "LlamaForCausalLM" in used
     assert all(keys.shape[2] == 6 for keys in cache_keys(out.past_key_values))
+
+
+def test_builtin_strategy_names_are_the_registered_builtins() -> None:
+    """The one list of built-in names the commands use matches what the built-in plugins register."""
+    from kvpress_mm import list_strategies
+    from kvpress_mm.strategies import BUILTIN_STRATEGIES
+
+    assert len(set(BUILTIN_STRATEGIES)) == len(BUILTIN_STRATEGIES) == 9
+    assert set(BUILTIN_STRATEGIES) <= set(list_strategies())

@@ -48,21 +48,12 @@ from kvpress_mm.compressor import Compressor
 from kvpress_mm.reference.model import PAD_ID
 from kvpress_mm.reference.render import encode_words, pixel_values, word_ids
 from kvpress_mm.reference.tasks import HELDOUT_SEED, MAX_IMAGES, TASK_KINDS, TaskPrompt, heldout_prompts
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 PROG = "kvpress-mm bench accuracy"
 
 #: Strategies run when none are named (``full`` is the reference, run once at ratio 0).
-DEFAULT_STRATEGIES: tuple[str, ...] = (
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-)
+DEFAULT_STRATEGIES: tuple[str, ...] = BUILTIN_STRATEGIES
 #: Compression ratios run when none are given.
 DEFAULT_RATIOS: tuple[float, ...] = (0.5, 0.8, 0.9)
 #: Images per prompt of the held-out sets when none are given.

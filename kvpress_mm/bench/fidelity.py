@@ -38,21 +38,13 @@ from kvpress_mm.compressor import Compressor
 from kvpress_mm.generation import GenerationResult, generate
 from kvpress_mm.models import LoadedModel, encode, load_image
 from kvpress_mm.prompts import Prompt
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 from kvpress_mm.tables import json_safe, render_table
 
 DEFAULT_RATIOS = (0.5, 0.75, 0.9)
 
 #: Every built-in strategy except ``full``, the reference.
-DEFAULT_STRATEGIES = (
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-)
+DEFAULT_STRATEGIES = tuple(name for name in BUILTIN_STRATEGIES if name != "full")
 
 
 @dataclass
