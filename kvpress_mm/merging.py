@@ -10,7 +10,7 @@ the highest cosine similarity with ``e``'s key; values follow the same assignmen
   similarity; only entries with ``w_e`` at least the mean of ``w`` over all evicted entries of
   all KV heads of the layer (and row) are merged, and ``n_c`` counts merged entries only.
 
-Kept entries with nothing assigned are unchanged. Computed in float32.
+Kept entries with nothing assigned are unchanged (bit for bit). Computed in float32.
 """
 
 from __future__ import annotations
@@ -26,10 +26,15 @@ from kvpress_mm.plan import CompressionPlan
 
 MergeMode = Literal["average", "pivotal", "weighted"]
 
-# Bound on one chunk of one head's [evicted, kept] similarity matrix (float32 bytes): one
-# head at a time, in chunks that stay in the CPU's caches, is about twice as fast as all heads
-# at once in small batched matmuls (measured at 16k tokens: 1.7 s against 3.4 s per layer).
-SIMILARITY_CHUNK_BYTES = 2 * 2**20
+# Bound on one chunk of one head's [evicted, kept] similarity matrix (float32 bytes): one head
+# at a time, in chunks that stay in the CPU's caches (measured at 16k tokens: 4 MiB chunks
+# 1.2 s per layer, all heads at once in batched matmuls 3.4 s).
+SIMILARITY_CHUNK_BYTES = 4 * 2**20
+
+# Kept entries per block of the two-level argmax. torch.max with indices is about ten times
+# slower than amax on CPU, so the row maximum is found with amax over blocks, and the index
+# with max only over the block maxima and inside the one winning block.
+ARGMAX_BLOCK = 128
 
 
 def assign_evicted(
@@ -43,55 +48,75 @@ def assign_evicted(
         chunk_bytes: bound on one chunk of one head's similarity matrix (one reused buffer).
 
     Returns:
-        ``(target, similarity)``: ``[H, m]`` long index into the kept entries and ``[H, m]``
-        float32 cosine similarity to it.
+        ``(target, similarity)``: ``[H, m]`` long index into the kept entries (the first one
+        on ties, as ``argmax``) and ``[H, m]`` float32 cosine similarity to it.
 
     """
-    heads, m, _ = evicted_keys.shape
+    heads, m, dim = evicted_keys.shape
     n = kept_keys.shape[1]
     device = evicted_keys.device
     target = torch.empty(heads, m, dtype=torch.long, device=device)
     similarity = torch.empty(heads, m, dtype=torch.float32, device=device)
     if m == 0 or n == 0:
         return target.zero_(), similarity.zero_()
-    kept_unit = F.normalize(kept_keys.float(), dim=-1).transpose(1, 2).contiguous()  # [H, D, n]
+    block = ARGMAX_BLOCK
+    n_blocks = -(-n // block)
+    # [H, D, n_blocks * block]: the padding columns repeat kept entry 0, so they can only tie
+    # with it and a tie goes to the first occurrence: entry 0 itself
+    kept_unit = F.normalize(kept_keys.float(), dim=-1)
+    padding = kept_unit[:, :1].expand(-1, n_blocks * block - n, -1)
+    kept_t = torch.cat([kept_unit, padding], 1).transpose(1, 2).contiguous()
     evicted_unit = F.normalize(evicted_keys.float(), dim=-1)  # [H, m, D]
-    rows = max(1, chunk_bytes // (4 * n))
-    buffer = torch.empty(min(rows, m) * n, dtype=torch.float32, device=device)
+    width = n_blocks * block
+    rows = max(1, chunk_bytes // (4 * width))
+    buffer = torch.empty(min(rows, m) * width, dtype=torch.float32, device=device)
+    row_index = torch.arange(min(rows, m), device=device)
     for head in range(heads):
         for start in range(0, m, rows):
             end = min(m, start + rows)
-            sims = buffer[: (end - start) * n].view(end - start, n)
-            torch.mm(evicted_unit[head, start:end], kept_unit[head], out=sims)
-            torch.max(sims, dim=-1, out=(similarity[head, start:end], target[head, start:end]))
+            count = end - start
+            sims = buffer[: count * width].view(count, width)
+            torch.mm(evicted_unit[head, start:end], kept_t[head], out=sims)
+            blocks = sims.view(count, n_blocks, block)
+            # the first block holding the row's maximum holds its first occurrence
+            best, best_block = blocks.amax(-1).max(-1)
+            inside = blocks[row_index[:count], best_block].max(-1).indices
+            target[head, start:end] = best_block * block + inside
+            similarity[head, start:end] = best
     return target, similarity
 
 
-def _merge(
-    kept: torch.Tensor,
-    evicted: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor,
-    counted: torch.Tensor,
+def _merged(
+    source: torch.Tensor,
+    kept_idx: torch.Tensor,
+    slot_of: torch.Tensor,
+    weight: torch.Tensor | None,
+    count: torch.Tensor,
     pivotal: bool,
 ) -> torch.Tensor:
-    """Merge ``evicted [H, m, D]`` into ``kept [H, n, D]`` (float32) along ``target [H, m]``.
+    """Merged kept entries ``[H, n, D]`` (float32) of one row.
 
-    ``weight [H, m]`` scales each contribution; ``counted [H, m]`` marks the entries that count
-    in ``n_c`` (the merged ones).
+    ``source`` ``[H, P, D]`` are the row's entries; ``slot_of`` ``[H, P]`` is each position's
+    kept slot (its own for kept entries, its target for merged evicted ones, ``n`` for entries
+    that do not take part); ``weight`` ``[H, P]`` scales each entry (None: all 1);
+    ``count`` ``[H, n]`` is ``n_c``.
     """
-    heads, n, dim = kept.shape
-    count = torch.zeros(heads, n, device=kept.device).scatter_add_(1, target, counted.float())
-    index = target[..., None].expand(-1, -1, dim)
-    # pivotal: each evicted entry first becomes a pivot (K_e + K_c) / 2
-    contribution = (evicted + kept.gather(1, index)) / 2 if pivotal else evicted
-    total = kept.clone().scatter_add_(1, index, contribution * weight[..., None])
-    return total / (1 + count[..., None])
-
-
-def _gather_entries(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tensor [H, P, D]`` at ``index [H, k]`` -> ``[H, k, D]``."""
-    return gather_entries(tensor[None], index[None])[0]
+    heads, positions, dim = source.shape
+    n = kept_idx.shape[1]
+    source = source.float()
+    if weight is not None:
+        source = source * weight[..., None]
+    # one index_add over the flattened (head, slot) rows; slot n of each head collects the
+    # entries that do not take part and is dropped
+    flat = (slot_of + torch.arange(heads, device=slot_of.device)[:, None] * (n + 1)).flatten()
+    totals = torch.zeros(heads * (n + 1), dim, device=source.device)
+    totals.index_add_(0, flat, source.reshape(heads * positions, dim))
+    totals = totals.view(heads, n + 1, dim)[:, :n]  # K_c + sum_e w_e K_e
+    if not pivotal:
+        return totals / (1 + count[..., None])
+    # (K_c + sum_e (K_e + K_c) / 2) / (1 + n_c) = K_c / 2 + (K_c + sum_e K_e) / (2 (1 + n_c))
+    kept = gather_entries(source[None], kept_idx[None])[0]
+    return kept / 2 + totals / (2 * (1 + count[..., None]))
 
 
 def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> CompressionPlan:
@@ -101,28 +126,37 @@ def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> C
     """
     merged_keys = gather_entries(layer.keys, plan.kept_indices)
     merged_values = gather_entries(layer.values, plan.kept_indices)
+    heads = layer.kv_heads
     for b in range(layer.batch_size):
         first = plan.n_slots - int(plan.slot_valid[b].sum())  # filler slots come first
         kept_idx = plan.kept_indices[b, :, first:]  # [H, n]
-        is_evicted = layer.key_valid[b].expand(layer.kv_heads, -1).clone()
+        n = kept_idx.shape[1]
+        is_evicted = layer.key_valid[b].expand(heads, -1).clone()
         is_evicted.scatter_(1, kept_idx, False)
         m = int(is_evicted[0].sum())
         if m == 0:
             continue
-        evicted_idx = is_evicted.nonzero()[:, 1].view(layer.kv_heads, m)  # [H, m] ascending
-        keys, values = layer.keys[b].float(), layer.values[b].float()  # [H, P, D]
-        kept_k, kept_v = _gather_entries(keys, kept_idx), _gather_entries(values, kept_idx)
-        evicted_k, evicted_v = _gather_entries(keys, evicted_idx), _gather_entries(values, evicted_idx)
+        evicted_idx = is_evicted.nonzero()[:, 1].view(heads, m)  # [H, m] ascending
+        keys = layer.keys[b]  # [H, P, D]
+        kept_k = gather_entries(keys[None], kept_idx[None])[0]
+        evicted_k = gather_entries(keys[None], evicted_idx[None])[0]
         target, similarity = assign_evicted(evicted_k, kept_k)
+        # each position's slot: kept entries their own, evicted ones their target, padding none (n)
+        slot_of = torch.full(is_evicted.shape, n, dtype=torch.long, device=keys.device)
+        slot_of.scatter_(1, kept_idx, torch.arange(n, device=keys.device).expand(heads, -1))
+        weight = None
         if mode == "weighted":
-            counted = similarity >= similarity.mean()  # mean over all KV heads of the row
-            weight = similarity * counted
+            merged = similarity >= similarity.mean()  # mean over all KV heads of the row
+            slot_of.scatter_(1, evicted_idx, torch.where(merged, target, n))
+            weight = torch.ones(is_evicted.shape, dtype=torch.float32, device=keys.device)
+            weight.scatter_(1, evicted_idx, similarity)
         else:
-            counted = torch.ones_like(similarity, dtype=torch.bool)
-            weight = torch.ones_like(similarity)
+            merged = torch.ones_like(similarity, dtype=torch.bool)
+            slot_of.scatter_(1, evicted_idx, target)
+        count = torch.zeros(heads, n, device=keys.device).scatter_add_(1, target, merged.float())  # n_c
         pivotal = mode == "pivotal"
-        merged_keys[b, :, first:] = _merge(kept_k, evicted_k, target, weight, counted, pivotal).to(merged_keys.dtype)
-        merged_values[b, :, first:] = _merge(kept_v, evicted_v, target, weight, counted, pivotal).to(
+        merged_keys[b, :, first:] = _merged(keys, kept_idx, slot_of, weight, count, pivotal).to(merged_keys.dtype)
+        merged_values[b, :, first:] = _merged(layer.values[b], kept_idx, slot_of, weight, count, pivotal).to(
             merged_values.dtype
         )
     return plan.with_merged(merged_keys, merged_values)

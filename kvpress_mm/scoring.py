@@ -115,12 +115,15 @@ class _CausalSoftmaxChunks:
         # finite, so that no row can get NaN; exp underflows to 0
         masked = torch.finfo(torch.float32).min
         for row, (first, holes, chunks) in enumerate(self.plans):
-            for start, end in chunks:
-                rows, width = end - start, end - first
-                q = (self.queries[row, :, start:end].float() * self.scaling).reshape(kvh, groups * rows, d)
-                for head in range(kvh):
+            # head by head, so that the head's keys and values stay in the CPU's caches over its
+            # chunks (all heads' keys and values of a long prompt do not fit)
+            for head in range(kvh):
+                heads = slice(head * groups, (head + 1) * groups)
+                for start, end in chunks:
+                    rows, width = end - start, end - first
+                    q = (self.queries[row, heads, start:end].float() * self.scaling).reshape(groups * rows, d)
                     logits = self.buffer[: groups * rows * width].view(groups * rows, width)
-                    torch.matmul(q[head], self.keys_t[row, head, :, first:end], out=logits)
+                    torch.matmul(q, self.keys_t[row, head, :, first:end], out=logits)
                     logits = logits.view(groups, rows, width)
                     # causal: queries < end see keys < end only, and inside the chunk no key after themselves
                     logits[..., start - first :].masked_fill_(self.future_keys[:rows, :rows], masked)

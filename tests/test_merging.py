@@ -20,6 +20,7 @@ from synthetic import (
 
 from kvpress_mm import CompressionPlan, Compressor, LayerView
 from kvpress_mm.cache_surgery import apply_plan
+from kvpress_mm.merging import ARGMAX_BLOCK, assign_evicted
 
 torch.set_num_threads(1)
 
@@ -188,11 +189,34 @@ def test_weighted_merge_drops_below_mean_entries() -> None:
 @pytest.mark.parametrize("chunk_bytes", [1, 64, 4096, 2**30])
 def test_assign_evicted_is_the_same_for_any_chunking(chunk_bytes: int) -> None:
     """Per-head chunks of the similarity matrix give exactly the one-shot argmax and max."""
-    from kvpress_mm.merging import assign_evicted
-
     generator = torch.Generator().manual_seed(3)
     evicted, kept = torch.randn(4, 300, 16, generator=generator), torch.randn(4, 70, 16, generator=generator)
     sims = torch.nn.functional.normalize(evicted, dim=-1) @ torch.nn.functional.normalize(kept, dim=-1).transpose(1, 2)
     target, similarity = assign_evicted(evicted, kept, chunk_bytes=chunk_bytes)
     assert torch.equal(target, sims.argmax(-1))
     assert torch.allclose(similarity, sims.max(-1).values, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_kept", [1, ARGMAX_BLOCK - 1, ARGMAX_BLOCK, ARGMAX_BLOCK + 1, 2 * ARGMAX_BLOCK + 72])
+def test_assign_evicted_breaks_ties_to_the_first_kept_entry(n_kept: int) -> None:
+    """Exact ties (one-hot keys) go to the first kept entry, across argmax blocks and padding."""
+
+    dim = 8
+    generator = torch.Generator().manual_seed(n_kept)
+    # kept entries repeat directions 0..6, so most directions occur in several argmax blocks;
+    # direction 7 only late (in the last block, twice): its first occurrence is far from entry 0
+    kept_dirs = torch.randint(0, dim - 1, (2, n_kept), generator=generator)
+    if n_kept >= 3:
+        kept_dirs[:, -3] = kept_dirs[:, -1] = dim - 1
+    evicted_dirs = torch.randint(0, dim, (2, 500), generator=generator)
+    kept = torch.nn.functional.one_hot(kept_dirs, dim).float() * 3.0  # norms do not matter
+    evicted = torch.nn.functional.one_hot(evicted_dirs, dim).float() * 0.5
+    target, similarity = assign_evicted(evicted, kept)
+    for h in range(2):
+        for i, direction in enumerate(evicted_dirs[h].tolist()):
+            matches = (kept_dirs[h] == direction).nonzero().flatten().tolist()
+            # a direction no kept entry has: every similarity is 0, the first entry wins
+            assert int(target[h, i]) == (matches[0] if matches else 0)
+            assert float(similarity[h, i]) == (1.0 if matches else 0.0)
+    if n_kept >= 3:
+        assert (target == n_kept - 3).any()  # the late direction was assigned
