@@ -48,8 +48,8 @@ reuses heap memory below that size instead of faulting in fresh pages at every s
   layers), the RSS high-water growth of the prefill and of each layer's compression step (the
   largest over layers; the kernel's high-water mark is reset first), KV bytes (held, and
   allocated including a growing layer's headroom). Each cache stays in memory;
-- **decoding**: every arm of that length decodes ``--decode-tokens`` tokens greedily, a burst
-  of steps at a time in turn, in a rotating order, so that the ms/token of arms compared with
+- **decoding**: every arm of that length decodes ``--decode-tokens`` tokens greedily, one step
+  (``--decode-burst``) at a time in turn, in a rotating order, so that the ms/token of arms compared with
   each other are measured under the same load (the machine is shared: load varies by the
   minute). Decode ms/token is the median step.
 
@@ -70,7 +70,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -80,23 +79,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import (
+    BOS,
+    MALLOC_ENV,
+    MODEL_SHAPE_FIELDS,
+    PAD,
+    add_model_arguments,
+    fmt,
+    llama_config,
+    machine_info,
+    median_or_none,
+    peak_rss_bytes,
+    ratio_or_none,
+    reset_peak_rss,
+    rounded,
+    rss_bytes,
+)
+
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "decode.json"
 
-ALL_STRATEGIES = (
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-)
 FULL = "full"
+# the grid's strategies: every built-in but full, the no-op, which the grid runs once as its baseline
+ALL_STRATEGIES = tuple(name for name in BUILTIN_STRATEGIES if name != FULL)
 NATIVE = "native-K"
-BOS, PAD, EOS = 1, 0, 2
 
 # Targets of the issue.
 NATIVE_TARGET = 1.10  # compressed decode ms/token / native-K decode ms/token, every sweep length
@@ -110,10 +118,8 @@ OVERHEAD_TARGETS = {  # (prefill + compression) / prefill at the longest sweep l
 OVERHEAD_TARGET_OTHERS = 1.05
 WALL_TARGET_MINUTES = 30.0  # the whole run
 LINEAR_TOLERANCE = 1.25  # peak bytes per token at L over at L / 2: a [heads, L, L] term would double it
-# glibc while prefilling: allocations above 128 KiB are mmapped and returned on free, so that the RSS
-# growth of a step measures what it needs (not pages that freed tensors left resident)
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-# ... and while decoding, the ceiling of glibc's dynamic threshold (32 MiB on 64-bit): what a long-running
+# glibc while prefilling: bench_common.MALLOC_ENV (allocations above 128 KiB are mmapped and returned on
+# free); while decoding, the ceiling of glibc's dynamic threshold (32 MiB on 64-bit): what a long-running
 # process converges to, so that a stock cache's per-step torch.cat reuses heap memory as it would in use
 DECODE_MMAP_THRESHOLD = 32 * 2**20
 PROGRESS = "@@progress "  # a worker's progress lines on stderr
@@ -132,7 +138,9 @@ class Config:
     image_fraction: float = 0.8
     image_tokens: int = 576  # placeholders per image (LLaVA-1.5's 24 x 24)
     decode_tokens: int = 64
-    decode_burst: int = 8  # decode steps per arm and turn (the arms take turns)
+    # decode steps per arm and turn (the arms take turns): one, so that a disturbance of the machine
+    # (they last about 0.5 s here) falls on several arms rather than on one arm's consecutive steps
+    decode_burst: int = 1
     repeats: int = 1
     grid_length: int = 4096
     grid_ratios: tuple[float, ...] = (0.5, 0.8, 0.9)
@@ -252,18 +260,7 @@ def build_model(config: Config) -> Any:
         patch_size=14,
         projection_dim=32,
     )
-    text = transformers.LlamaConfig(
-        vocab_size=config.vocab,
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=config.max_length + config.decode_tokens + 16,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
+    text = llama_config(config, config.max_length + config.decode_tokens + 16)
     model_config = transformers.LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -322,38 +319,6 @@ def make_prompt(config: Config, length: int) -> Prompt:
 
 
 # -- memory ----------------------------------------------------------------------------------
-
-
-def status_kib(name: str) -> int | None:
-    """A field of /proc/self/status in KiB (``VmRSS``, ``VmHWM``), None where unavailable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int:
-    """Resident set size now."""
-    return (status_kib("VmRSS") or 0) * 1024
-
-
-def peak_rss_bytes() -> int:
-    """Resident set high-water mark since the last :func:`reset_peak_rss`."""
-    return (status_kib("VmHWM") or 0) * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
@@ -833,33 +798,6 @@ def measure(config: Config, isolation: str = "process", progress: bool = True) -
 # -- summary ---------------------------------------------------------------------------------
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def machine_info() -> dict[str, Any]:
-    """Versions, threads and load: what the times depend on."""
-    import transformers
-
-    import kvpress_mm
-
-    return {
-        "kvpress_mm": str(Path(kvpress_mm.__file__).parent),  # which source tree ran (a snapshot, or the repo)
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 def _row(result: dict[str, Any]) -> dict[str, Any]:
     def mib(value: int | None) -> float | None:
         return None if value is None else value / 2**20
@@ -869,9 +807,9 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         **result["arm"],
         "prompt_length": result["prompt_length"],
         "derived_from": result.get("derived_from"),
-        "prefill_s": _median(result["prefill_s"]),
-        "prefill_cpu_s": _median(result.get("prefill_cpu_s", [])),
-        "compression_s": _median(result["compression_s"]),
+        "prefill_s": median_or_none(result["prefill_s"]),
+        "prefill_cpu_s": median_or_none(result.get("prefill_cpu_s", [])),
+        "compression_s": median_or_none(result["compression_s"]),
         "decode_ms": result.get("decode_ms_per_token"),
         "decode_ms_mean": result.get("decode_ms_mean"),
         "prefill_peak_mib": mib(result["prefill_peak_growth"]),
@@ -890,8 +828,8 @@ def _overhead(row: dict[str, Any], full: dict[str, Any], cpu: bool) -> dict[str,
     direct = None
     if prefill is not None and compression is not None and prefill > compression:
         direct = 1 + compression / (prefill - compression)
-    wall = _ratio(prefill, full["prefill_s"])
-    cpu_ratio = _ratio(row["prefill_cpu_s"], full["prefill_cpu_s"])
+    wall = ratio_or_none(prefill, full["prefill_s"])
+    cpu_ratio = ratio_or_none(row["prefill_cpu_s"], full["prefill_cpu_s"])
     return {
         "overhead_end_to_end": wall,
         "overhead_cpu": cpu_ratio,
@@ -950,7 +888,7 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
     for arm in parts["grid"]:
         row = dict(rows[arm.key])
         row.update(_overhead(row, grid_full, cpu))
-        row["decode_speedup"] = _ratio(grid_full["decode_ms"], row["decode_ms"])
+        row["decode_speedup"] = ratio_or_none(grid_full["decode_ms"], row["decode_ms"])
         grid.append(row)
 
     longest = max(config.sweep_lengths)
@@ -972,9 +910,9 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
         for strategy in (*config.sweep_strategies, *extra):
             row = dict(rows[Arm(strategy, config.sweep_ratio, length).key])
             row.update(_overhead(row, full, cpu))
-            row["vs_native"] = _ratio(row["decode_ms"], native_growing["decode_ms"])
-            row["vs_native_stock"] = _ratio(row["decode_ms"], native_stock["decode_ms"])
-            row["decode_speedup"] = _ratio(full["decode_ms"], row["decode_ms"])
+            row["vs_native"] = ratio_or_none(row["decode_ms"], native_growing["decode_ms"])
+            row["vs_native_stock"] = ratio_or_none(row["decode_ms"], native_stock["decode_ms"])
+            row["decode_speedup"] = ratio_or_none(full["decode_ms"], row["decode_ms"])
             if strategy in config.sweep_strategies:
                 row["native_met"] = row["vs_native"] is not None and row["vs_native"] <= NATIVE_TARGET
                 entry["strategies"][strategy] = row
@@ -1030,15 +968,15 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
     caches = []
     for name, arm in named.items():
         row = dict(rows[arm.key], name=name)
-        row["decode_speedup"] = _ratio(base["decode_ms"], row["decode_ms"])
-        row["decode_speedup_vs_growing"] = _ratio(base_growing["decode_ms"], row["decode_ms"])
+        row["decode_speedup"] = ratio_or_none(base["decode_ms"], row["decode_ms"])
+        row["decode_speedup_vs_growing"] = ratio_or_none(base_growing["decode_ms"], row["decode_ms"])
         row["bytes_bound"] = (weights + base["kv_mib"]) / (weights + row["kv_mib"])
         caches.append(row)
 
     return {
         "benchmark": "decode",
         "config": asdict(config),
-        "machine": machine_info(),
+        "machine": machine_info(source_tree=True),
         "targets": {
             "native_ratio_max": NATIVE_TARGET,
             "overhead_max": {s: t["max"] for s, t in overhead_targets.items()},
@@ -1063,11 +1001,8 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    """``value`` formatted, or a dash as wide as the spec's width."""
-    if value is None:
-        width = spec.split(".")[0]
-        return format("-", ">" + width) if width.isdigit() else "-"
-    return format(value, spec)
+    """``value`` formatted, or a dash as wide as the spec's width (the printed tables' columns stay aligned)."""
+    return fmt(value, spec, align_dash=True)
 
 
 def _verdict(met: bool | None) -> str:
@@ -1081,6 +1016,22 @@ def _memory_checks(memory: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         checks.append((f"{strategy} compression step", memory["compression_step"][strategy]))
         checks.append((f"{strategy} whole prefill", memory["prefill"][strategy]))
     return checks
+
+
+def _sweep_rows(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any], Any]]:
+    """The rows of one sweep length, as both tables list them: ``(name, row, row if compressed else None)``.
+
+    The third element is typed ``Any``: the tables read it as ``compressed and compressed[key]``.
+    """
+    uncompressed = [
+        ("full (stock)", entry["full"]),
+        ("native-K (stock)", entry["native_stock"]),
+        ("native-K (growing)", entry["native_growing"]),
+    ]
+    compressed = {**entry["strategies"], **entry["extra"]}
+    return [(name, row, None) for name, row in uncompressed] + [
+        (f"{strategy} (growing)", row, row) for strategy, row in compressed.items()
+    ]
 
 
 def _peak_at(series: dict[str, Any], length: int) -> float | None:
@@ -1132,12 +1083,7 @@ def format_tables(summary: dict[str, Any]) -> str:
     lines += [header, "-" * len(header)]
     for entry in summary["sweep"]:
         length, k = entry["length"], entry["K"]
-        arms = [
-            ("full (stock)", entry["full"], None),
-            ("native-K (stock)", entry["native_stock"], None),
-            ("native-K (growing)", entry["native_growing"], None),
-        ] + [(f"{s} (growing)", row, row) for s, row in {**entry["strategies"], **entry["extra"]}.items()]
-        for name, row, compressed in arms:
+        for name, row, compressed in _sweep_rows(entry):
             native_met = compressed.get("native_met") if compressed else None
             lines.append(
                 f"{length:>6} {k:>5} {name:<22} {_fmt(row['prefill_s'], '9.2f')} {_fmt(row['compression_s'], '8.3f')} "
@@ -1219,10 +1165,6 @@ def format_tables(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _md(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
     """A Markdown table; the first ``left`` columns are text (left-aligned), the others numbers."""
     return [
@@ -1243,14 +1185,14 @@ def format_markdown(summary: dict[str, Any]) -> str:
             [
                 f"`{row['strategy']}`",
                 format(row["ratio"], ".1f") if compressed else "-",
-                _md(row["prefill_s"], ".2f"),
-                _md(row["compression_s"], ".3f"),
-                _md(row["overhead"], ".3f") if compressed else "1",
-                _md(row["prefill_peak_mib"], ".0f"),
-                _md(row["compression_peak_mib"], ".1f"),
-                _md(row["kv_mib"], ".1f"),
-                _md(row["decode_ms"], ".1f"),
-                _md(row["decode_speedup"], ".2f"),
+                fmt(row["prefill_s"], ".2f"),
+                fmt(row["compression_s"], ".3f"),
+                fmt(row["overhead"], ".3f") if compressed else "1",
+                fmt(row["prefill_peak_mib"], ".0f"),
+                fmt(row["compression_peak_mib"], ".1f"),
+                fmt(row["kv_mib"], ".1f"),
+                fmt(row["decode_ms"], ".1f"),
+                fmt(row["decode_speedup"], ".2f"),
             ]
         )
     header = [
@@ -1269,25 +1211,20 @@ def format_markdown(summary: dict[str, Any]) -> str:
     out += ["", f"**Length sweep** (r = {config['sweep_ratio']})", ""]
     rows = []
     for entry in summary["sweep"]:
-        arms = [
-            ("full (stock)", entry["full"], None),
-            ("native-K (stock)", entry["native_stock"], None),
-            ("native-K (growing)", entry["native_growing"], None),
-        ] + [(f"{s} (growing)", row, row) for s, row in {**entry["strategies"], **entry["extra"]}.items()]
-        for name, row, compressed in arms:
+        for name, row, compressed in _sweep_rows(entry):
             met = compressed.get("native_met") if compressed else None
             rows.append(
                 [
                     str(entry["length"]),
                     str(entry["K"]),
                     name,
-                    _md(row["prefill_s"], ".2f"),
-                    _md(row["compression_s"], ".3f"),
-                    _md(compressed and compressed["overhead"], ".3f"),
-                    _md(row["kv_mib"], ".1f"),
-                    _md(row["decode_ms"], ".1f"),
-                    (_md(compressed and compressed["vs_native"], ".3f") + f" {_verdict(met)}").strip(),
-                    _md(compressed and compressed["decode_speedup"], ".2f"),
+                    fmt(row["prefill_s"], ".2f"),
+                    fmt(row["compression_s"], ".3f"),
+                    fmt(compressed and compressed["overhead"], ".3f"),
+                    fmt(row["kv_mib"], ".1f"),
+                    fmt(row["decode_ms"], ".1f"),
+                    (fmt(compressed and compressed["vs_native"], ".3f") + f" {_verdict(met)}").strip(),
+                    fmt(compressed and compressed["decode_speedup"], ".2f"),
                 ]
             )
     header = [
@@ -1307,10 +1244,10 @@ def format_markdown(summary: dict[str, Any]) -> str:
     rows = [
         [
             f"`{strategy}`",
-            _md(t["overhead"], ".3f"),
+            fmt(t["overhead"], ".3f"),
             t["measure"],
-            _md(t["wall"], ".3f"),
-            _md(t["direct"], ".3f"),
+            fmt(t["wall"], ".3f"),
+            fmt(t["direct"], ".3f"),
             f"<= {t['max']}",
             _verdict(t["met"]),
         ]
@@ -1328,14 +1265,14 @@ def format_markdown(summary: dict[str, Any]) -> str:
         row = [
             str(length),
             f"{memory['score_matrix_mib'][index]:.0f}",
-            _md(_peak_at(memory["prefill"]["full"], length), ".0f"),
+            fmt(_peak_at(memory["prefill"]["full"], length), ".0f"),
         ]
         for strategy in strategies:
             step = memory["compression_step"][strategy]
             row += [
-                _md(_peak_at(memory["prefill"][strategy], length), ".0f"),
-                _md(_peak_at(step, length), ".1f"),
-                _md(step["bytes_per_token"].get(str(length)), ".0f"),
+                fmt(_peak_at(memory["prefill"][strategy], length), ".0f"),
+                fmt(_peak_at(step, length), ".1f"),
+                fmt(step["bytes_per_token"].get(str(length)), ".0f"),
             ]
         rows.append(row)
     out += _md_table(header, rows)
@@ -1346,18 +1283,18 @@ def format_markdown(summary: dict[str, Any]) -> str:
             out.append(
                 f"- {name}: {fit['slope']:.0f} bytes/token + {fit['intercept'] / 2**20:.1f} MiB "
                 f"(largest residual {100 * fit['max_relative_residual']:.0f}%); bytes per token at L over L/2: "
-                f"{_md(series['doubling_ratio'], '.2f')} {_verdict(series['linear'])}"
+                f"{fmt(series['doubling_ratio'], '.2f')} {_verdict(series['linear'])}"
             )
     out += ["", f"**Cache arms** (L = {config['cache_length']}, r = {config['sweep_ratio']})", ""]
     rows = [
         [
             row["name"],
-            _md(row["kv_mib"], ".1f"),
-            _md(row["kv_allocated_mib"], ".1f"),
-            _md(row["decode_ms"], ".1f"),
-            _md(row["decode_speedup"], ".2f"),
-            _md(row["decode_speedup_vs_growing"], ".2f"),
-            _md(row["bytes_bound"], ".2f"),
+            fmt(row["kv_mib"], ".1f"),
+            fmt(row["kv_allocated_mib"], ".1f"),
+            fmt(row["decode_ms"], ".1f"),
+            fmt(row["decode_speedup"], ".2f"),
+            fmt(row["decode_speedup_vs_growing"], ".2f"),
+            fmt(row["bytes_bound"], ".2f"),
         ]
         for row in summary["caches"]
     ]
@@ -1485,12 +1422,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--cache-length", type=int, default=None)
     parser.add_argument("--cache-strategy", default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--intermediate", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--heads", type=int, default=None)
-    parser.add_argument("--kv-heads", type=int, default=None)
-    parser.add_argument("--vocab", type=int, default=None)
+    add_model_arguments(parser, None)  # default None: an option given overrides --quick's value
     parser.add_argument("--image-tokens", type=int, default=None, help="placeholders per image")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=None)
@@ -1530,12 +1462,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "overhead_strategies",
             "cache_length",
             "cache_strategy",
-            "hidden",
-            "intermediate",
-            "layers",
-            "heads",
-            "kv_heads",
-            "vocab",
+            *MODEL_SHAPE_FIELDS,
             "image_tokens",
             "threads",
             "seed",
@@ -1549,17 +1476,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in (*config.grid_strategies, *config.sweep_strategies, *config.overhead_strategies, config.cache_strategy):
         Compressor.from_name(name)  # unknown names fail early, with the available ones
     return config
-
-
-def rounded(value: Any, digits: int = 5) -> Any:
-    """``value`` with every float rounded to ``digits`` significant digits (a smaller JSON file)."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [rounded(v, digits) for v in value]
-    return value
 
 
 def _cpu_seconds() -> float:

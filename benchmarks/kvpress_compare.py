@@ -47,7 +47,19 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from decode import CompressionProbe, machine_info, rounded  # noqa: E402
+from bench_common import (  # noqa: E402
+    BOS,
+    add_model_arguments,
+    fmt,
+    greedy_options,
+    llama_config,
+    machine_info,
+    median_or_none,
+    model_shape_kwargs,
+    ratio_or_none,
+    rounded,
+)
+from decode import CompressionProbe  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "kvpress_compare.json"
 KVPRESS_VENV = HERE / ".kvpress-venv"
@@ -117,25 +129,14 @@ def save_model_and_prompt(config: Config, directory: Path) -> tuple[Path, Path]:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    model_config = transformers.LlamaConfig(
-        vocab_size=config.vocab,
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=config.length + config.decode_tokens + 16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    model_config = llama_config(config, config.length + config.decode_tokens + 16)
     torch.manual_seed(config.seed)
     model = transformers.LlamaForCausalLM(model_config).float().eval()
     model_dir = directory / "model"
     model.save_pretrained(model_dir)
     generator = torch.Generator().manual_seed(1000 + config.seed)
     ids = torch.randint(3, config.vocab, (config.length,), generator=generator)
-    ids[0] = 1
+    ids[0] = BOS
     prompt = directory / "prompt.json"
     prompt.write_text(json.dumps(ids.tolist()))
     return model_dir, prompt
@@ -147,7 +148,7 @@ def save_model_and_prompt(config: Config, directory: Path) -> tuple[Path, Path]:
 def ours_worker(model_dir: Path, prompt_path: Path, settings: dict[str, Any], decode_tokens: int) -> dict[str, Any]:
     """Run kvpress-mm's arm ``settings`` on the saved model and prompt (in this process)."""
     import transformers
-    from transformers import DynamicCache, LogitsProcessorList
+    from transformers import DynamicCache
 
     import kvpress_mm.session as session_module
     from kvpress_mm import Compressor
@@ -188,14 +189,7 @@ def ours_worker(model_dir: Path, prompt_path: Path, settings: dict[str, Any], de
         current_cache = DynamicCache(config=model.config)
         stamps.clear()
         cpu.clear()
-        options: dict[str, Any] = dict(
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            cache=current_cache,
-            logits_processor=LogitsProcessorList([timer]),
-        )
+        options = greedy_options(ids, new_tokens, current_cache, timer)
         with torch.inference_mode():
             cpu_start = time.process_time()
             start = time.perf_counter()
@@ -328,14 +322,6 @@ def without_kept(summary: dict[str, Any]) -> dict[str, Any]:
     return {**summary, "runs": runs}
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def summarize(config: Config, runs: dict[str, dict[str, list[dict[str, Any]]]], kvpress_ran: bool) -> dict[str, Any]:
     """Medians per side and arm, ratios ours / kvpress, kept-set comparisons."""
     rows = []
@@ -347,19 +333,21 @@ def summarize(config: Config, runs: dict[str, dict[str, list[dict[str, Any]]]], 
         for side in ("ours", "kvpress"):
             results = sides.get(side, [])
             row[side] = {
-                "prefill_s": _median([r["prefill_s"] for r in results]),
-                "prefill_cpu_s": _median([r["prefill_cpu_s"] for r in results if "prefill_cpu_s" in r]),
-                "compression_s": _median([r["compression_s"] for r in results]),
-                "decode_ms": _median([statistics.median(r["decode_step_ms"]) for r in results if r["decode_step_ms"]]),
+                "prefill_s": median_or_none([r["prefill_s"] for r in results]),
+                "prefill_cpu_s": median_or_none([r["prefill_cpu_s"] for r in results if "prefill_cpu_s" in r]),
+                "compression_s": median_or_none([r["compression_s"] for r in results]),
+                "decode_ms": median_or_none(
+                    [statistics.median(r["decode_step_ms"]) for r in results if r["decode_step_ms"]]
+                ),
                 "runs": len(results),
             }
-        row["prefill_wall_ratio"] = _ratio(row["ours"]["prefill_s"], row["kvpress"]["prefill_s"])
-        row["prefill_cpu_ratio"] = _ratio(row["ours"]["prefill_cpu_s"], row["kvpress"]["prefill_cpu_s"])
+        row["prefill_wall_ratio"] = ratio_or_none(row["ours"]["prefill_s"], row["kvpress"]["prefill_s"])
+        row["prefill_cpu_ratio"] = ratio_or_none(row["ours"]["prefill_cpu_s"], row["kvpress"]["prefill_cpu_s"])
         # one thread: process CPU time is the prefill's own work (immune to time slices lost to other load)
         cpu = config.threads == 1 and row["prefill_cpu_ratio"] is not None
         row["prefill_measure"] = "CPU time" if cpu else "wall time"
         row["prefill_ratio"] = row["prefill_cpu_ratio"] if cpu else row["prefill_wall_ratio"]
-        row["decode_ratio"] = _ratio(row["ours"]["decode_ms"], row["kvpress"]["decode_ms"])
+        row["decode_ratio"] = ratio_or_none(row["ours"]["decode_ms"], row["kvpress"]["decode_ms"])
         row["prefill_target_met"] = None if row["prefill_ratio"] is None else row["prefill_ratio"] <= PREFILL_TARGET
         if sides.get("ours") and sides.get("kvpress") and (pair.compare_kept or pair.name == "h2o"):
             row["kept"] = compare_kept(sides["ours"][0]["kept"], sides["kvpress"][0]["kept"])
@@ -368,16 +356,12 @@ def summarize(config: Config, runs: dict[str, dict[str, list[dict[str, Any]]]], 
     return {
         "benchmark": "kvpress_compare",
         "config": asdict(config),
-        "machine": machine_info(),
+        "machine": machine_info(source_tree=True),
         "kvpress": versions,
         "kvpress_ran": kvpress_ran,
         "rows": rows,
         "runs": runs,
     }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -414,11 +398,11 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"heads, n_keep {kept['n_kept_ours']} / {kept['n_kept_kvpress']}, Jaccard {kept['mean_jaccard']:.3f}"
             )
         lines.append(
-            f"{row['arm']:<15} {_fmt(ours['prefill_s'], '14.2f')} {_fmt(theirs['prefill_s'], '8.2f')} "
-            f"{_fmt(row['prefill_ratio'], '6.3f')} {verdict:4} {_fmt(row['prefill_wall_ratio'], '6.3f')} "
-            f"{_fmt(ours['compression_s'], '12.3f')} "
-            f"{_fmt(theirs['compression_s'], '8.3f')} {_fmt(ours['decode_ms'], '14.1f')} "
-            f"{_fmt(theirs['decode_ms'], '8.1f')} {_fmt(row['decode_ratio'], '6.3f')}  {kept_text}"
+            f"{row['arm']:<15} {fmt(ours['prefill_s'], '14.2f')} {fmt(theirs['prefill_s'], '8.2f')} "
+            f"{fmt(row['prefill_ratio'], '6.3f')} {verdict:4} {fmt(row['prefill_wall_ratio'], '6.3f')} "
+            f"{fmt(ours['compression_s'], '12.3f')} "
+            f"{fmt(theirs['compression_s'], '8.3f')} {fmt(ours['decode_ms'], '14.1f')} "
+            f"{fmt(theirs['decode_ms'], '8.1f')} {fmt(row['decode_ratio'], '6.3f')}  {kept_text}"
         )
     lines += [
         "",
@@ -464,14 +448,14 @@ def format_markdown(summary: dict[str, Any]) -> str:
             + " | ".join(
                 [
                     f"`{row['arm']}`",
-                    _fmt(ours["prefill_s"], ".2f"),
-                    _fmt(theirs["prefill_s"], ".2f"),
-                    _fmt(row["prefill_ratio"], ".3f") + verdict,
-                    _fmt(ours["compression_s"], ".3f"),
-                    _fmt(theirs["compression_s"], ".3f"),
-                    _fmt(ours["decode_ms"], ".1f"),
-                    _fmt(theirs["decode_ms"], ".1f"),
-                    _fmt(row["decode_ratio"], ".3f"),
+                    fmt(ours["prefill_s"], ".2f"),
+                    fmt(theirs["prefill_s"], ".2f"),
+                    fmt(row["prefill_ratio"], ".3f") + verdict,
+                    fmt(ours["compression_s"], ".3f"),
+                    fmt(theirs["compression_s"], ".3f"),
+                    fmt(ours["decode_ms"], ".1f"),
+                    fmt(theirs["decode_ms"], ".1f"),
+                    fmt(row["decode_ratio"], ".3f"),
                     kept_text,
                 ]
             )
@@ -492,12 +476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=defaults.decode_tokens)
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=list(defaults.arms))
-    parser.add_argument("--hidden", type=int, default=defaults.hidden)
-    parser.add_argument("--intermediate", type=int, default=defaults.intermediate)
-    parser.add_argument("--layers", type=int, default=defaults.layers)
-    parser.add_argument("--heads", type=int, default=defaults.heads)
-    parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
-    parser.add_argument("--vocab", type=int, default=defaults.vocab)
+    add_model_arguments(parser, defaults)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--kvpress-venv", type=Path, default=KVPRESS_VENV, help="where setup_kvpress_env.sh put it")
@@ -530,12 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratio=args.ratio,
         decode_tokens=args.decode_tokens,
         repeats=args.repeats,
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        vocab=args.vocab,
+        **model_shape_kwargs(args),
         threads=args.threads,
         seed=args.seed,
         arms=tuple(args.arms),

@@ -33,8 +33,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,22 +42,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from bench_common import (
+    BOS,
+    MALLOC_ENV,
+    add_model_arguments,
+    fmt,
+    greedy_options,
+    llama_config,
+    machine_info,
+    median_or_none,
+    model_shape_kwargs,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    ru_maxrss_bytes,
+    status_kib,
+)
+
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 NO_COMPRESSOR = "none"
-ALL_STRATEGIES = (
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-)
+ALL_STRATEGIES = BUILTIN_STRATEGIES  # every arm but the no-compressor baseline (the tests read this name)
 # Targets of the spec: prefill time ratio (strategy / no compressor) per strategy.
 PREFILL_TARGETS = {
     "full": 1.05,  # not in the spec: a no-op strategy is held to the cheap strategies' bound
@@ -75,13 +81,7 @@ PREFILL_TARGETS = {
 MEMORY_TARGET = 1.10  # peak prefill memory (strategy) / peak prefill memory (no compressor)
 KV_BYTES_TOLERANCE = 0.01  # |after / before - (1 - r)| / (1 - r)
 
-# glibc: every allocation above 128 KiB is its own mapping, returned to the system when freed, so the
-# resident set follows the live tensors (with the default adaptive threshold, freed chunks linger in
-# the heap and the high-water mark varies by +-100 MiB between identical runs)
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "prefill_decode.json"
-BOS = 1
 
 
 @dataclass
@@ -137,18 +137,7 @@ def build_model(config: Config) -> PreTrainedModel:
     """The random float32 Llama of ``config`` (sdpa, no EOS so generation never stops early)."""
     import transformers
 
-    model_config = transformers.LlamaConfig(
-        vocab_size=config.vocab,
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=config.length + config.decode_tokens + 8,
-        pad_token_id=0,
-        bos_token_id=BOS,
-        eos_token_id=2,
-    )
+    model_config = llama_config(config, config.length + config.decode_tokens + 8)
     torch.manual_seed(config.seed)
     model = transformers.LlamaForCausalLM(model_config).float().eval()
     model.set_attn_implementation("sdpa")
@@ -210,20 +199,13 @@ class ArmRun:
 
 def run_arm(model: PreTrainedModel, config: Config, arm: str, input_ids: torch.Tensor, new_tokens: int) -> ArmRun:
     """Greedy generation of ``new_tokens`` with ``arm``, timed step by step."""
-    from transformers import DynamicCache, LogitsProcessorList
+    from transformers import DynamicCache
 
     from kvpress_mm import Compressor
 
     cache = DynamicCache(config=model.config)
     timer = StepTimer(cache)
-    options: dict[str, Any] = dict(
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        cache=cache,
-        logits_processor=LogitsProcessorList([timer]),
-    )
+    options = greedy_options(input_ids, new_tokens, cache, timer)
     report = None
     with torch.inference_mode():
         cpu_start = time.process_time()
@@ -248,48 +230,22 @@ def run_arm(model: PreTrainedModel, config: Config, arm: str, input_ids: torch.T
 # -- memory ----------------------------------------------------------------------------------
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _ru_maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
-
-
 def measure_peak_memory(model: PreTrainedModel, config: Config, arm: str, warmup: bool = True) -> dict[str, Any]:
     """Peak RSS growth of one prefill of ``arm`` in the current process (best in a fresh one)."""
     if warmup:  # lazy initialisations on a short prompt, not the measured peak
         run_arm(model, config, arm, make_prompt(config, min(64, config.length)), 1)
     input_ids = make_prompt(config)
     gc.collect()
-    if _reset_peak_rss() and _status_kib("VmHWM") is not None:
+    if reset_peak_rss() and status_kib("VmHWM") is not None:
         method = "VmHWM after clear_refs"
-        before = (_status_kib("VmRSS") or 0) * 1024
+        before = rss_bytes()
         run_arm(model, config, arm, input_ids, 1)
-        peak = (_status_kib("VmHWM") or 0) * 1024
+        peak = peak_rss_bytes()
     else:  # no resettable high-water mark: the process's lifetime peak (model build included)
         method = "ru_maxrss"
-        before = _ru_maxrss_bytes()
+        before = ru_maxrss_bytes()
         run_arm(model, config, arm, input_ids, 1)
-        peak = _ru_maxrss_bytes()
+        peak = ru_maxrss_bytes()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         method += f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
     return {"peak_prefill_bytes": max(0, peak - before), "rss_before_prefill_bytes": before, "memory_method": method}
@@ -324,23 +280,6 @@ def measure_memory_in_subprocess(config: Config, arm: str) -> dict[str, Any]:
 
 
 # -- the run ---------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    """Versions and threads: what the times depend on."""
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 def measure(config: Config, log: bool = True) -> dict[str, ArmResult]:
@@ -408,10 +347,6 @@ def measure(config: Config, log: bool = True) -> dict[str, ArmResult]:
     return results
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def summarize(config: Config, results: dict[str, ArmResult]) -> dict[str, Any]:
     """Medians, ratios to the no-compressor arm, and the targets met or missed."""
     base_peak = results[NO_COMPRESSOR].peak_prefill_bytes
@@ -420,12 +355,12 @@ def summarize(config: Config, results: dict[str, ArmResult]) -> dict[str, Any]:
         baseline = arm == NO_COMPRESSOR
         row: dict[str, Any] = {
             **asdict(result),
-            "prefill_s_median": _median(result.prefill_s),
-            "prefill_ratio": 1.0 if baseline else _median(result.prefill_ratios),
-            "prefill_cpu_s_median": _median(result.prefill_cpu_s),
-            "prefill_cpu_ratio": 1.0 if baseline else _median(result.prefill_cpu_ratios),
-            "decode_ms_per_token_median": _median(result.decode_ms_per_token),
-            "decode_ratio": 1.0 if baseline else _median(result.decode_ratios),
+            "prefill_s_median": median_or_none(result.prefill_s),
+            "prefill_ratio": 1.0 if baseline else median_or_none(result.prefill_ratios),
+            "prefill_cpu_s_median": median_or_none(result.prefill_cpu_s),
+            "prefill_cpu_ratio": 1.0 if baseline else median_or_none(result.prefill_cpu_ratios),
+            "decode_ms_per_token_median": median_or_none(result.decode_ms_per_token),
+            "decode_ratio": 1.0 if baseline else median_or_none(result.decode_ratios),
             "peak_memory_ratio": (
                 result.peak_prefill_bytes / base_peak if result.peak_prefill_bytes is not None and base_peak else None
             ),
@@ -454,7 +389,7 @@ def summarize(config: Config, results: dict[str, ArmResult]) -> dict[str, Any]:
     return {
         "benchmark": "prefill_decode",
         "config": {**asdict(config), "strategies": list(config.strategies)},
-        "machine": machine_info(),
+        "machine": machine_info(interop_threads=True),
         "targets": {
             "prefill_ratio_max": PREFILL_TARGETS,
             "peak_memory_ratio_max": MEMORY_TARGET,
@@ -463,10 +398,6 @@ def summarize(config: Config, results: dict[str, ArmResult]) -> dict[str, Any]:
         "arms": arms,
         "all_targets_met": all(t["met"] for row in arms.values() for t in row["targets"].values()),
     }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _verdict(row: dict[str, Any], target: str) -> str:
@@ -502,14 +433,14 @@ def format_table(summary: dict[str, Any]) -> str:
         after = row["kv_bytes_after"] if compressed else row["cache_bytes_after_prefill"]
         peak = row["peak_prefill_bytes"]
         lines.append(
-            f"{arm:<15} {_fmt(row['prefill_s_median'], '9.3f')} {_fmt(row['prefill_ratio'], '6.3f')} "
-            f"{_fmt(target, '6.2f')} {_verdict(row, 'prefill_ratio'):4} {_fmt(row['prefill_cpu_ratio'], '9.3f')} "
-            f"{_fmt(None if peak is None else peak / mib, '8.1f')} {_fmt(row['peak_memory_ratio'], '6.3f')} "
+            f"{arm:<15} {fmt(row['prefill_s_median'], '9.3f')} {fmt(row['prefill_ratio'], '6.3f')} "
+            f"{fmt(target, '6.2f')} {_verdict(row, 'prefill_ratio'):4} {fmt(row['prefill_cpu_ratio'], '9.3f')} "
+            f"{fmt(None if peak is None else peak / mib, '8.1f')} {fmt(row['peak_memory_ratio'], '6.3f')} "
             f"{_verdict(row, 'peak_memory_ratio'):4} "
-            f"{_fmt(None if before is None else before / mib, '13.2f')} "
-            f"{_fmt(None if after is None else after / mib, '7.2f')} {_fmt(row['kv_kept_fraction'], '7.4f')} "
-            f"{_fmt(row['kv_kept_error_pct'], '+7.3f')} {_verdict(row, 'kv_bytes'):4} "
-            f"{_fmt(row['decode_ms_per_token_median'], '13.2f')} {_fmt(row['decode_ratio'], '6.3f')}"
+            f"{fmt(None if before is None else before / mib, '13.2f')} "
+            f"{fmt(None if after is None else after / mib, '7.2f')} {fmt(row['kv_kept_fraction'], '7.4f')} "
+            f"{fmt(row['kv_kept_error_pct'], '+7.3f')} {_verdict(row, 'kv_bytes'):4} "
+            f"{fmt(row['decode_ms_per_token_median'], '13.2f')} {fmt(row['decode_ratio'], '6.3f')}"
         )
     met = sum(t["met"] for row in summary["arms"].values() for t in row["targets"].values())
     total = sum(len(row["targets"]) for row in summary["arms"].values())
@@ -547,12 +478,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.memory,
         help="peak memory: a fresh process per arm (honest), in this process (fast, indicative), or not at all",
     )
-    parser.add_argument("--hidden", type=int, default=defaults.hidden)
-    parser.add_argument("--intermediate", type=int, default=defaults.intermediate)
-    parser.add_argument("--layers", type=int, default=defaults.layers)
-    parser.add_argument("--heads", type=int, default=defaults.heads)
-    parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
-    parser.add_argument("--vocab", type=int, default=defaults.vocab)
+    add_model_arguments(parser, defaults)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -571,12 +497,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         decode_tokens=args.decode_tokens,
         repeats=args.repeats,
         strategies=tuple(args.strategies),
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        vocab=args.vocab,
+        **model_shape_kwargs(args),
         threads=args.threads,
         memory=args.memory,
         seed=args.seed,

@@ -149,15 +149,20 @@ def _ratio_list(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
-def _positive_int(text: str) -> int:
-    """Parse an integer of at least 1."""
+def _int_at_least(text: str, minimum: int) -> int:
+    """Parse an integer of at least ``minimum``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a number of at least {minimum}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    """Parse an integer of at least 1."""
+    return _int_at_least(text, 1)
 
 
 def _at_least_two(text: str) -> int:
@@ -170,13 +175,7 @@ def _at_least_two(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     """Parse an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def _image_count(text: str) -> int:

@@ -1,10 +1,16 @@
-"""Local model directories and images for the command tests (built in code, written with save_pretrained)."""
+"""Local model directories and images for the command tests (built in code, written with save_pretrained).
+
+Also :func:`run_cli`, which runs a command as the console script does.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+from tiny_models import TEXT_CONFIG
 
 from kvpress_mm.embedded_model import EmbeddedModelConfig, build_tokenizer, save
 from kvpress_mm.prompts import synthetic_image
@@ -13,6 +19,18 @@ from kvpress_mm.prompts import synthetic_image
 TINY = EmbeddedModelConfig(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2)
 #: KV bytes per prompt entry of :data:`TINY`: layers x (keys + values) x KV heads x head_dim x 4 bytes.
 TINY_BYTES_PER_ENTRY = 2 * 2 * 2 * 32 * 4
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """``main(argv)`` as the console script runs it, each argument as text: (exit code, stdout, stderr)."""
+    from kvpress_mm.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse: --help, --version and usage errors
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def quiet_transformers() -> None:
@@ -36,18 +54,7 @@ def save_tiny_text_model(directory: Path) -> Path:
 
     quiet_transformers()
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = LlamaConfig(**_text_config(tokenizer))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
@@ -66,8 +73,16 @@ def write_images(directory: Path) -> list[Path]:
     return paths
 
 
-_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=512)  # fmt: skip
+def _text_config(tokenizer: Any, **extra: Any) -> dict[str, Any]:
+    """The tiny text decoder's config (:data:`tiny_models.TEXT_CONFIG`) with ``tokenizer``'s vocabulary and ids."""
+    return dict(
+        TEXT_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
 
 
 def _save_with_tokenizer(directory: Path, model: torch.nn.Module, tokenizer: object, image_processor: object) -> Path:
@@ -85,11 +100,9 @@ def save_tiny_qwen2_vl(directory: Path) -> Path:
     quiet_transformers()
     tokenizer = build_tokenizer(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"])
     ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"])
-    text = dict(
-        _TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    )  # fmt: skip
+    text = _text_config(
+        tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    )
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2)  # fmt: skip
     config = Qwen2VLConfig(text_config=text, vision_config=vision, vision_start_token_id=ids[0], image_token_id=ids[1],
@@ -113,8 +126,7 @@ def save_tiny_internvl(directory: Path) -> Path:
 
     quiet_transformers()
     tokenizer = build_tokenizer(["<img>", "</img>", "<IMG_CONTEXT>"])
-    text = Qwen2Config(**_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    text = Qwen2Config(**_text_config(tokenizer))
     vision = InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                   image_size=[56, 56], patch_size=[14, 14])  # fmt: skip
     config = InternVLConfig(

@@ -15,17 +15,6 @@ from hypothesis import strategies as st
 from kvpress_mm import CompressionPlan, LayerView, Modality
 from kvpress_mm.budget import n_keep_for
 
-BUILTIN_STRATEGIES = (
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-)
 LOOKM_STRATEGIES = ("lookm-evict", "lookm-average", "lookm-pivotal", "lookm-weighted")
 MERGING_STRATEGIES = ("lookm-average", "lookm-pivotal", "lookm-weighted")
 EVICTION_STRATEGIES = ("random", "streaming", "h2o", "snapkv", "lookm-evict")

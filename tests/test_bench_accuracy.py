@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from cli_fixtures import run_cli
 
 from kvpress_mm.bench.accuracy import (
     AccuracyResult,
@@ -19,32 +20,18 @@ from kvpress_mm.bench.accuracy import (
     run_accuracy_benchmark,
     split_prompt,
 )
-from kvpress_mm.cli import main
 from kvpress_mm.compressor import Compressor
 from kvpress_mm.reference import encode_prompts, heldout_prompts, load_reference_model
 from kvpress_mm.reference.evaluate import accuracy_by_kind, predict
 from kvpress_mm.reference.tasks import TASK_KINDS
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+# commands set torch's thread count for their process: every test gives the test process its own back
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 @pytest.fixture(scope="module")
 def model(reference_checkpoint):
     return load_reference_model(reference_checkpoint)[0]
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _full_logits(model, prompts) -> torch.Tensor:

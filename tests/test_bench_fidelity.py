@@ -6,32 +6,18 @@ import json
 
 import pytest
 import torch
-from cli_fixtures import TINY, TINY_BYTES_PER_ENTRY, save_tiny_llava, write_images
+from cli_fixtures import TINY, TINY_BYTES_PER_ENTRY, run_cli, save_tiny_llava, write_images
 
 from kvpress_mm.bench.fidelity import load_prompts, reference_prompts, run_fidelity, summarize
 from kvpress_mm.bench.metrics import fidelity, greedy_agreement, kl_per_step
-from kvpress_mm.cli import main
 from kvpress_mm.command_errors import UsageError
 from kvpress_mm.embedded_model import build
 from kvpress_mm.models import LoadedModel
 from kvpress_mm.prompts import gallery_prompt
 from kvpress_mm.reference.tasks import HELDOUT_SEED, heldout_prompts
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+# commands set torch's thread count for their process: every test gives the test process its own back
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 # -- metrics -------------------------------------------------------------------------------

@@ -5,16 +5,14 @@ Timings are never asserted (they are what the benchmark measures, not what it ch
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "prefill_decode.py"
 TINY = [
     "--hidden=64",
     "--intermediate=128",
@@ -27,18 +25,9 @@ TINY = [
 ]
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("prefill_decode_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return _load_script()
+    return load_benchmark("prefill_decode")
 
 
 def test_tiny_run_writes_every_arm(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,32 +10,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from cli_fixtures import save_tiny_llava
+from cli_fixtures import run_cli, save_tiny_llava
 
 from kvpress_mm import list_strategies
-from kvpress_mm.cli import main
 from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV, strategy_infos
 
 TINY_DEMO = ["demo", "--images", "2", "--new-tokens", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """The demo sets torch's thread count for its process; give the test process its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``main(argv)`` as the console script runs it: (exit code, stdout, stderr)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse: --help, --version and usage errors
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+# commands set torch's thread count for their process: every test gives the test process its own back
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 # -- strategies --------------------------------------------------------------------------

@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from cli_fixtures import (
     TINY_BYTES_PER_ENTRY,
+    run_cli,
     save_tiny_internvl,
     save_tiny_llava,
     save_tiny_qwen2_vl,
     save_tiny_text_model,
     write_images,
 )
-
-from kvpress_mm.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +34,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+# commands set torch's thread count for their process: every test gives the test process its own back
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def test_run_prints_the_answer_and_the_memory_saved(capsys, files):

@@ -14,18 +14,8 @@ import torch
 from kvpress_mm import Compressor, ScoredCompressor
 from kvpress_mm.errors import UnknownStrategyError
 from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV, reset_registry
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
-BUILTINS = [
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-]
 LOOKM = ["lookm-evict", "lookm-average", "lookm-pivotal", "lookm-weighted"]
 
 # a non-default value for every field of every built-in
@@ -49,7 +39,7 @@ def builtins_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def configs() -> list[tuple[str, dict[str, Any]]]:
-    return [(name, {}) for name in BUILTINS] + [(name, NON_DEFAULT[name]) for name in BUILTINS]
+    return [(name, {}) for name in BUILTIN_STRATEGIES] + [(name, NON_DEFAULT[name]) for name in BUILTIN_STRATEGIES]
 
 
 def assert_names_field(error: BaseException, field: str) -> None:
@@ -63,7 +53,7 @@ def assert_names_field(error: BaseException, field: str) -> None:
 # -- defaults, printing ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 def test_defaults(name: str) -> None:
     compressor = Compressor.from_name(name)
     assert compressor.compression_ratio == 0.5
@@ -145,7 +135,7 @@ def test_from_config_validates_values() -> None:
 # -- frozen ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 def test_configs_are_frozen(name: str) -> None:
     compressor = Compressor.from_name(name)
     with pytest.raises(pydantic.ValidationError) as caught:
@@ -160,7 +150,7 @@ def test_configs_are_frozen(name: str) -> None:
 # -- validation -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 @pytest.mark.parametrize("ratio", [1.5, 1.0, -0.1, "abc", math.nan, math.inf, -math.inf, None])
 def test_bad_compression_ratio_names_the_field(name: str, ratio: Any) -> None:
     with pytest.raises(pydantic.ValidationError) as caught:
@@ -201,7 +191,7 @@ def test_even_kernel_message_explains_why() -> None:
         Compressor.from_name("snapkv", kernel_size=4)
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 def test_unknown_field_is_rejected_by_name(name: str) -> None:
     with pytest.raises(pydantic.ValidationError) as caught:
         Compressor.from_name(name, compresion_ratio=0.5)  # sic: a typo must not be ignored

@@ -8,42 +8,29 @@ kvpress-mm side runs either way.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_scripts import BENCHMARKS, load_benchmark
 
 from kvpress_mm.budget import n_keep_for
 from kvpress_mm.session import GROWING_HEADROOM
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY_MODEL = ["--hidden=64", "--intermediate=128", "--layers=2", "--heads=4", "--kv-heads=4", "--vocab=256"]
 # keys and values of one entry in every layer: 2 layers x 2 x 4 KV heads x head_dim 16 x 4 bytes
 ENTRY_BYTES = 2 * 2 * 4 * 16 * 4
 
 
-def _load(name: str) -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))  # kvpress_compare imports decode as a sibling module
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def decode() -> ModuleType:
-    return _load("decode")
+    return load_benchmark("decode")
 
 
 @pytest.fixture(scope="module")
 def compare() -> ModuleType:
-    return _load("kvpress_compare")
+    return load_benchmark("kvpress_compare")
 
 
 def test_tiny_decode_run_reports_every_part(
@@ -183,7 +170,7 @@ def test_one_prompt_length_in_a_fresh_process(decode: ModuleType) -> None:
 
 
 def test_compare_kept_sets() -> None:
-    compare = _load("kvpress_compare")
+    compare = load_benchmark("kvpress_compare")
     ours = {"0": [[1, 2, 3], [4, 5, 6]], "1": [[1, 2, 3], [4, 5, 6]]}
     same = compare.compare_kept(ours, {"0": [[3, 2, 1], [4, 5, 6]], "1": [[1, 2, 3], [6, 5, 4]]})
     assert same["all_identical"] and same["identical_heads"] == 4 and same["mean_jaccard"] == 1.0

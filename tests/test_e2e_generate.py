@@ -14,22 +14,12 @@ from kvpress_mm import Compressor
 from kvpress_mm import layer as layer_module
 from kvpress_mm import session as session_module
 from kvpress_mm.session import GROWING_HEADROOM
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 torch.set_num_threads(1)
 
-STRATEGIES = [
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-]
 # every family is exercised, without multiplying the cases
-FAMILY_OF = {name: FAMILIES[i % len(FAMILIES)] for i, name in enumerate(STRATEGIES)}
+FAMILY_OF = {name: FAMILIES[i % len(FAMILIES)] for i, name in enumerate(BUILTIN_STRATEGIES)}
 IMPLS = ["sdpa", "eager"]
 PROMPT_LEN = 27
 NEW_TOKENS = 4
@@ -41,7 +31,7 @@ def _decode_evicts(name: str, compressor: Compressor) -> bool:
 
 @pytest.mark.parametrize("ratio", [0.5, 0.9])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 def test_cache_holds_n_keep_after_prefill(name: str, impl: str, ratio: float) -> None:
     model = build(FAMILY_OF[name], impl)
     ids = prompt(PROMPT_LEN)
@@ -85,7 +75,7 @@ def test_cache_holds_n_keep_after_prefill(name: str, impl: str, ratio: float) ->
 
 @pytest.mark.parametrize("growing", [True, False])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", [s for s in STRATEGIES if s != "full"])
+@pytest.mark.parametrize("name", [s for s in BUILTIN_STRATEGIES if s != "full"])
 def test_compressed_cache_owns_only_kept_entries(name: str, impl: str, growing: bool) -> None:
     """After prefill the cache's storage holds exactly n_keep entries (no view of the old one, no headroom).
 
@@ -138,7 +128,7 @@ def _assert_bit_identical(out: object, reference: object) -> None:
         assert got.shape == want.shape and torch.equal(got, want)
 
 
-NOOP_CASES = [(name, 0.0) for name in STRATEGIES] + [("full", 0.5), ("full", 0.9)]
+NOOP_CASES = [(name, 0.0) for name in BUILTIN_STRATEGIES] + [("full", 0.5), ("full", 0.9)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -241,7 +231,7 @@ def test_fused_prefill_matches_the_lazy_path(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 def test_fused_prefill_only_for_strategies_that_declare_it(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = build("llama", "sdpa")
     fused, lazy = _count_statistics(monkeypatch)

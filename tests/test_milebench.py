@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from cli_fixtures import save_tiny_llava, save_tiny_text_model
+from cli_fixtures import run_cli, save_tiny_llava, save_tiny_text_model
 from milebench_fixture import DATASETS, write_milebench
 
 import kvpress_mm.eval.milebench_runner as runner
-from kvpress_mm.cli import main
 from kvpress_mm.command_errors import UsageError
 from kvpress_mm.eval.milebench import IMAGE_PLACEHOLDER, build_prompt, dataset_group, load_dataset
 from kvpress_mm.eval.milebench_scoring import match_choice, normalize, score_dataset, score_sample
@@ -24,11 +22,8 @@ from kvpress_mm.eval.rouge import rouge_l
 N_SAMPLES = sum(count for _, count in DATASETS.values())
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+# commands set torch's thread count for their process: every test gives the test process its own back
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +34,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llava(tmp_path_factory.mktemp("models") / "llava")
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def eval_args(data: Path, model: Path, output: Path, *extra: object) -> list[object]:

@@ -8,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from synthetic import (
-    BUILTIN_STRATEGIES,
     LOOKM_STRATEGIES,
     CacheLayer,
     SyntheticCase,
@@ -25,6 +24,7 @@ from synthetic import (
 from kvpress_mm import CompressionPlan, Compressor, LayerView, Modality
 from kvpress_mm.budget import n_keep_for
 from kvpress_mm.cache_surgery import apply_plan
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 torch.set_num_threads(1)
 

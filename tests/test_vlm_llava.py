@@ -37,6 +37,7 @@ from tiny_vlms import (
 
 from kvpress_mm import Compressor, LayerView, Modality, ScoredCompressor
 from kvpress_mm.adapters.base import find_adapter
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 torch.set_num_threads(1)
 
@@ -45,17 +46,6 @@ TEETH = 1e-3
 IMPLS = ["sdpa", "eager"]
 RATIOS = [0.5, 0.9]
 NEW_TOKENS = 3
-STRATEGIES = [
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-]
 EVICTION_ONLY = {"random", "streaming", "h2o", "snapkv", "lookm-evict"}
 # snapkv's default window (32) would cover most of a tiny prompt
 CONFIGS: dict[str, dict[str, Any]] = {"snapkv": {"window_size": 4}}
@@ -98,11 +88,11 @@ def _reference(
 
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_keeps_n_keep_and_matches_reference(family: str, name: str, impl: str, ratio: float) -> None:
     # 1, 3 and 0 images in turn: every family x impl sees each count with six strategy/ratio pairs
-    n_images = IMAGE_COUNTS[(STRATEGIES.index(name) + RATIOS.index(ratio)) % len(IMAGE_COUNTS)]
+    n_images = IMAGE_COUNTS[(BUILTIN_STRATEGIES.index(name) + RATIOS.index(ratio)) % len(IMAGE_COUNTS)]
     model = build_vlm(family, impl, seed=FAMILIES.index(family))
     prompt = make_prompt(family, model, n_images, seed=n_images + 2 * RATIOS.index(ratio))
     length = prompt.length
@@ -193,14 +183,15 @@ def _batch_prompts(family: str, model: torch.nn.Module, pair: tuple[int, int]) -
     return [first, second]
 
 
-BATCH_CASES = [(name, "sdpa") for name in STRATEGIES] + [(name, "eager") for name in ("h2o", "snapkv", "lookm-pivotal")]
+BATCH_CASES = [(name, "sdpa") for name in BUILTIN_STRATEGIES]
+BATCH_CASES += [(name, "eager") for name in ("h2o", "snapkv", "lookm-pivotal")]
 
 
 @pytest.mark.parametrize(("name", "impl"), BATCH_CASES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_rows_equal_single_runs(family: str, name: str, impl: str) -> None:
     model = build_vlm(family, impl, seed=7)
-    pair = BATCH_PAIRS[STRATEGIES.index(name) % len(BATCH_PAIRS)]
+    pair = BATCH_PAIRS[BUILTIN_STRATEGIES.index(name) % len(BATCH_PAIRS)]
     prompts = _batch_prompts(family, model, pair)
     ids, mask, pixels = left_pad_batch(family, prompts)
     width = ids.shape[1]

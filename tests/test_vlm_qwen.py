@@ -27,23 +27,13 @@ from tiny_qwen_vlms import KINDS, LAYOUTS, batch, build, generate, prompt, real_
 
 from kvpress_mm import Compressor
 from kvpress_mm.modality import Modality
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 torch.set_num_threads(1)
 
 ATOL = 1e-4
 TEETH = 1e-3  # a reference that is wrong must be at least this far from the compressed run
 NEW_TOKENS = 4
-STRATEGIES = [
-    "full",
-    "random",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "lookm-evict",
-    "lookm-average",
-    "lookm-pivotal",
-    "lookm-weighted",
-]
 EVICTION_ONLY = {"random", "streaming", "h2o", "snapkv", "lookm-evict"}
 IMPLS = ["sdpa", "eager"]
 RATIOS = [0.5, 0.9]
@@ -58,7 +48,7 @@ def _model(kind: str, impl: str) -> torch.nn.Module:
 
 def _layout(name: str, impl: str, ratio: float) -> str:
     # every (kind, impl, ratio) sees every layout across the nine strategies
-    return LAYOUT_NAMES[(STRATEGIES.index(name) + IMPLS.index(impl) + RATIOS.index(ratio)) % len(LAYOUT_NAMES)]
+    return LAYOUT_NAMES[(BUILTIN_STRATEGIES.index(name) + IMPLS.index(impl) + RATIOS.index(ratio)) % len(LAYOUT_NAMES)]
 
 
 def _run(
@@ -86,13 +76,13 @@ def _reference(
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_keeps_n_keep_and_matches_masked_reference(kind: str, impl: str, name: str, ratio: float) -> None:
     model = _model(kind, impl)
     layout = _layout(name, impl, ratio)
-    inputs = prompt(model, LAYOUTS[layout], seed=STRATEGIES.index(name))
+    inputs = prompt(model, LAYOUTS[layout], seed=BUILTIN_STRATEGIES.index(name))
     (length,) = real_length(inputs)
     compressor = Compressor.from_name(name, compression_ratio=ratio)
     out, plans, report = _run(model, compressor, inputs)
@@ -221,10 +211,10 @@ def test_lookm_text_prior_on_image_spans(kind: str, name: str) -> None:
 # -- left-padded batches -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", BUILTIN_STRATEGIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_padded_batch_rows_equal_single_prompts(kind: str, name: str) -> None:
-    impl = IMPLS[(KINDS.index(kind) + STRATEGIES.index(name)) % 2]
+    impl = IMPLS[(KINDS.index(kind) + BUILTIN_STRATEGIES.index(name)) % 2]
     model = _model(kind, impl)
     singles = [prompt(model, LAYOUTS["three-images"], seed=7), prompt(model, LAYOUTS["one-image"], seed=8)]
     inputs = batch(singles)

@@ -18,7 +18,8 @@ PAD, BOS = 0, 1
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
-_COMMON: dict[str, Any] = dict(
+#: The tiny text decoder's config, shared by every tiny model (the vision-language ones' text models too).
+TEXT_CONFIG: dict[str, Any] = dict(
     vocab_size=VOCAB,
     hidden_size=64,
     intermediate_size=128,
@@ -35,7 +36,7 @@ _COMMON: dict[str, Any] = dict(
 def _config(family: str, **overrides: Any) -> Any:
     import transformers
 
-    kwargs = {**_COMMON, **overrides}
+    kwargs = {**TEXT_CONFIG, **overrides}
     if family == "llama":
         return transformers.LlamaConfig(**kwargs)
     if family == "qwen2":
@@ -77,6 +78,24 @@ def sharpen_attention(model: nn.Module, factor: float = 6.0) -> nn.Module:
     return model
 
 
+def instantiate(
+    model_class: type[nn.Module], config: Any, attn_implementation: str, *, seed: int, sharpen: bool
+) -> nn.Module:
+    """``model_class(config)`` with random weights drawn after ``torch.manual_seed(seed)``, in eval mode.
+
+    Also: ``attn_implementation``, no EOS in the generation config (random weights never stop
+    generation early), pad id :data:`PAD`, and with ``sharpen`` :func:`sharpen_attention`.
+    """
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
+    model.generation_config.eos_token_id = None  # type: ignore[union-attr]
+    model.generation_config.pad_token_id = PAD  # type: ignore[union-attr]
+    if sharpen:
+        sharpen_attention(model)
+    return model
+
+
 def build(
     family: str = "llama",
     attn_implementation: str = "sdpa",
@@ -87,14 +106,7 @@ def build(
 ) -> nn.Module:
     """A tiny random ``*ForCausalLM`` of ``family`` (see :data:`FAMILIES`)."""
     config = _config(family, **config_overrides)
-    torch.manual_seed(seed)
-    model = _model_class(family)(config).eval()
-    model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
-    model.generation_config.eos_token_id = None  # type: ignore[union-attr]
-    model.generation_config.pad_token_id = PAD  # type: ignore[union-attr]
-    if sharpen:
-        sharpen_attention(model)
-    return model
+    return instantiate(_model_class(family), config, attn_implementation, seed=seed, sharpen=sharpen)
 
 
 def build_gpt2() -> nn.Module:

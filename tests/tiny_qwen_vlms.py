@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tiny_models import sharpen_attention
+from tiny_models import BOS, PAD, TEXT_CONFIG, instantiate
 from torch import nn
 
-VOCAB = 256
-PAD, BOS, EOS = 0, 1, 2
+# special ids at the top of the text decoder's vocabulary (tiny_models.VOCAB, 256)
 IMAGE, VIDEO, VSTART, VEND = 250, 251, 252, 253
 TEXT_IDS = (3, 240)  # random text tokens are drawn from [3, 240): never a special id
 
@@ -42,16 +41,7 @@ LAYOUTS: dict[str, list[Any]] = {
 
 def _text_config(kind: str) -> dict[str, Any]:
     text: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
+        TEXT_CONFIG,
         # head_dim 16: sum(mrope_section) must be head_dim / 2
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
     )
@@ -113,14 +103,7 @@ def build(kind: str, attn_implementation: str = "sdpa", *, seed: int = 0, sharpe
     """A tiny random float32 model of ``kind`` in eval mode."""
     import transformers as tf
 
-    torch.manual_seed(seed)
-    model = getattr(tf, CLASS_NAMES[kind])(config(kind)).eval()
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD
-    if sharpen:
-        sharpen_attention(model)
-    return model
+    return instantiate(getattr(tf, CLASS_NAMES[kind]), config(kind), attn_implementation, seed=seed, sharpen=sharpen)
 
 
 def _pixels(model: nn.Module, patches: int, generator: torch.Generator) -> torch.Tensor:

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tiny_models import sharpen_attention
+from tiny_models import BOS, PAD, TEXT_CONFIG, instantiate
 from torch import nn
 
-VOCAB = 256
-PAD, BOS, EOS = 0, 1, 2
+# special ids at the top of the text decoder's vocabulary (tiny_models.VOCAB, 256)
 IMAGE, VIDEO, IMG_START, IMG_END = 250, 251, 252, 253
 TEXT_IDS = (3, 240)  # random text tokens are drawn from [3, 240): never a special id
 
@@ -29,18 +28,6 @@ ANYRES_SIZES = [(56, 28), (30, 50), (60, 60), (28, 56), (20, 45)]
 # tiles per InternVL image
 INTERNVL_TILES = [1, 3, 2, 4]
 
-_TEXT: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    pad_token_id=PAD,
-    bos_token_id=BOS,
-    eos_token_id=EOS,
-)
 _SMALL_VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
@@ -52,23 +39,23 @@ def config(family: str, **overrides: Any) -> Any:
         vision = tf.CLIPVisionConfig(**_SMALL_VISION, image_size=28, patch_size=14, projection_dim=32)
         kwargs = dict(image_token_index=IMAGE, image_seq_length=4, vision_feature_layer=-2)
         kwargs.update({"vision_feature_select_strategy": "default", **overrides})
-        return tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**_TEXT), **kwargs)
+        return tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**TEXT_CONFIG), **kwargs)
     if family == "llava_next":
         vision = tf.CLIPVisionConfig(**_SMALL_VISION, image_size=28, patch_size=14, projection_dim=32)
         kwargs = dict(image_token_index=IMAGE, image_grid_pinpoints=GRID_PINPOINTS, vision_feature_layer=-2)
         kwargs.update({"vision_feature_select_strategy": "default", **overrides})
-        return tf.LlavaNextConfig(vision_config=vision, text_config=tf.LlamaConfig(**_TEXT), **kwargs)
+        return tf.LlavaNextConfig(vision_config=vision, text_config=tf.LlamaConfig(**TEXT_CONFIG), **kwargs)
     if family == "llava_onevision":
         vision = tf.SiglipVisionConfig(**_SMALL_VISION, image_size=28, patch_size=14, vision_use_head=False)
         kwargs = dict(image_token_index=IMAGE, video_token_index=VIDEO, image_grid_pinpoints=GRID_PINPOINTS)
         kwargs.update(vision_feature_layer=-1, vision_feature_select_strategy="full")
         kwargs.update({"vision_aspect_ratio": "anyres_max_9", **overrides})
-        return tf.LlavaOnevisionConfig(vision_config=vision, text_config=tf.Qwen2Config(**_TEXT), **kwargs)
+        return tf.LlavaOnevisionConfig(vision_config=vision, text_config=tf.Qwen2Config(**TEXT_CONFIG), **kwargs)
     if family == "internvl":
         vision = tf.InternVLVisionConfig(**_SMALL_VISION, image_size=[56, 56], patch_size=[14, 14])
         kwargs = dict(image_token_id=IMAGE, image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1)
         kwargs.update({"vision_feature_select_strategy": "default", **overrides})
-        return tf.InternVLConfig(vision_config=vision, text_config=tf.Qwen2Config(**_TEXT), **kwargs)
+        return tf.InternVLConfig(vision_config=vision, text_config=tf.Qwen2Config(**TEXT_CONFIG), **kwargs)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -88,14 +75,9 @@ def build_vlm(
     family: str, attn_implementation: str = "sdpa", *, seed: int = 0, sharpen: bool = True, **overrides: Any
 ) -> nn.Module:
     """A tiny random vision-language model of ``family`` (see :data:`FAMILIES`), float32, eval mode."""
-    torch.manual_seed(seed)
-    model = model_class(family)(config(family, **overrides)).eval()
-    model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
-    model.generation_config.eos_token_id = None  # type: ignore[union-attr]
-    model.generation_config.pad_token_id = PAD  # type: ignore[union-attr]
-    if sharpen:
-        sharpen_attention(model)
-    return model
+    return instantiate(
+        model_class(family), config(family, **overrides), attn_implementation, seed=seed, sharpen=sharpen
+    )
 
 
 # -- prompts --------------------------------------------------------------------------------------

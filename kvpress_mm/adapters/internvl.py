@@ -19,7 +19,6 @@ from typing import Any, ClassVar, overload
 import torch
 from torch import nn
 
-from kvpress_mm.adapters.placeholders import check_media_placeholders
 from kvpress_mm.adapters.vlm import CountCheckedAdapter
 from kvpress_mm.hookspecs import hookimpl
 
@@ -165,29 +164,16 @@ class InternVLAdapter(CountCheckedAdapter):
 
     def check_images(self, model: nn.Module, inputs: Mapping[str, Any], orphans: bool) -> None:
         """The call's image placeholders against its tiles (features or pixels)."""
-        input_ids = inputs.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor):
-            return
-        config: Any = model.config
 
         def from_pixels(pixel_values: torch.Tensor) -> tuple[list[int], str] | None:
+            config: Any = model.config
             strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
             height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
             per_tile = tokens_per_tile(model, height, width, str(strategy))
             n_tiles = int(pixel_values.shape[0])
             return [per_tile] * n_tiles, f"pixel_values holds {n_tiles} tile(s) of {per_tile} tokens each"
 
-        check_media_placeholders(
-            input_ids,
-            int(config.image_token_id),
-            inputs,
-            what="image",
-            key="image",
-            pixels_name="pixel_values",
-            from_pixels=from_pixels,
-            item="tile",
-            orphans=orphans,
-        )
+        self.check_image_placeholders(model, inputs, from_pixels, orphans=orphans, item="tile")
 
 
 @hookimpl

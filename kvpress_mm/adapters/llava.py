@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kvpress_mm.adapters.placeholders import check_media_placeholders
 from kvpress_mm.adapters.vlm import CountCheckedAdapter
 from kvpress_mm.hookspecs import hookimpl
 
@@ -63,10 +62,6 @@ class LlavaAdapter(CountCheckedAdapter):
 
     def check_images(self, model: nn.Module, inputs: Mapping[str, Any], orphans: bool) -> None:
         """The call's image placeholders against its images (features or pixels)."""
-        input_ids = inputs.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor):
-            return
-        config: Any = model.config
 
         def from_pixels(pixel_values: torch.Tensor) -> tuple[list[int], str] | None:
             if inputs.get("image_sizes") is not None or pixel_values.dim() != 4:
@@ -78,16 +73,7 @@ class LlavaAdapter(CountCheckedAdapter):
             n_images = int(pixel_values.shape[0])
             return [per_image] * n_images, f"pixel_values holds {n_images} image(s) of {per_image} tokens each"
 
-        check_media_placeholders(
-            input_ids,
-            int(config.image_token_id),
-            inputs,
-            what="image",
-            key="image",
-            pixels_name="pixel_values",
-            from_pixels=from_pixels,
-            orphans=orphans,
-        )
+        self.check_image_placeholders(model, inputs, from_pixels, orphans=orphans)
 
 
 @hookimpl

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from kvpress_mm.adapters.llava import feature_select_strategy, tokens_per_tile
-from kvpress_mm.adapters.placeholders import check_media_placeholders
 from kvpress_mm.adapters.vlm import CountCheckedAdapter
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.hookspecs import hookimpl
@@ -175,10 +174,6 @@ class LlavaNextAdapter(CountCheckedAdapter):
 
     def check_images(self, model: nn.Module, inputs: Mapping[str, Any], orphans: bool) -> None:
         """The call's image placeholders against its images (features, or pixels and ``image_sizes``)."""
-        input_ids = inputs.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor):
-            return
-        config: Any = model.config
 
         def from_pixels(pixel_values: torch.Tensor) -> tuple[list[int], str] | None:
             self.check_pixels(model, inputs)
@@ -187,16 +182,7 @@ class LlavaNextAdapter(CountCheckedAdapter):
                 return None
             return counts, f"image_sizes {image_sizes_list(inputs['image_sizes'])} give images of {counts} tokens"
 
-        check_media_placeholders(
-            input_ids,
-            int(config.image_token_id),
-            inputs,
-            what="image",
-            key="image",
-            pixels_name="pixel_values",
-            from_pixels=from_pixels,
-            orphans=orphans,
-        )
+        self.check_image_placeholders(model, inputs, from_pixels, orphans=orphans)
 
 
 @hookimpl

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kvpress_mm.adapters.base import ModelAdapter, padding_aware_text_map
-from kvpress_mm.adapters.placeholders import continues_where_cache_stands
+from kvpress_mm.adapters.placeholders import PixelCounter, check_media_placeholders, continues_where_cache_stands
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
 
@@ -135,3 +135,36 @@ class CountCheckedAdapter(VisionLanguageAdapter):
         ``orphans``: also refuse placeholder tokens that come with no media (prefill only).
         """
         raise NotImplementedError
+
+    def check_image_placeholders(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        from_pixels: PixelCounter,
+        *,
+        orphans: bool,
+        item: str | None = None,
+    ) -> None:
+        """The call's image placeholders (``config.image_token_id``) against its ``pixel_values`` images.
+
+        The part of :meth:`check_images` the families share; ``from_pixels`` is theirs. The counts
+        come from the image features ``generate`` computes before the prefill
+        (``mm_encoder_outputs``), else from ``from_pixels(pixel_values)`` (a plain forward); see
+        :func:`~kvpress_mm.adapters.placeholders.check_media_placeholders`, which also takes
+        ``orphans`` and ``item`` (what one count covers, e.g. ``"tile"``). A call without
+        ``input_ids`` is not checked.
+        """
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor):
+            return
+        check_media_placeholders(
+            input_ids,
+            int(_config(model).image_token_id),
+            inputs,
+            what="image",
+            key="image",
+            pixels_name="pixel_values",
+            from_pixels=from_pixels,
+            item=item,
+            orphans=orphans,
+        )
