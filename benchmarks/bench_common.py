@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -172,11 +173,31 @@ def greedy_options(
 # -- summaries -------------------------------------------------------------------------------
 
 
+def source_revision(directory: Path) -> str:
+    """The git commit of the source tree at ``directory`` (``+modified`` if it has changes), else ``unknown``.
+
+    What ran, without the machine's path (results are committed to the docs).
+    """
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+modified" if changes else commit
+
+
 def machine_info(*, source_tree: bool = False, interop_threads: bool = False) -> dict[str, Any]:
     """Versions, threads and load: what the times depend on.
 
-    ``source_tree`` adds ``kvpress_mm``, the directory of the kvpress_mm that ran (a snapshot or
-    the repository), first; ``interop_threads`` adds ``torch_interop_threads`` after
+    ``source_tree`` adds ``kvpress_mm``, the git commit of the kvpress_mm that ran
+    (:func:`source_revision`), first; ``interop_threads`` adds ``torch_interop_threads`` after
     ``torch_threads``. The two options keep each script's JSON as it was (decode.py and
     kvpress_compare.py report the source tree, prefill_decode.py the inter-op threads).
     """
@@ -187,7 +208,7 @@ def machine_info(*, source_tree: bool = False, interop_threads: bool = False) ->
     if source_tree:
         import kvpress_mm
 
-        info["kvpress_mm"] = str(Path(kvpress_mm.__file__).parent)
+        info["kvpress_mm"] = source_revision(Path(kvpress_mm.__file__).parent)
     info.update(
         python=platform.python_version(),
         platform=platform.platform(),

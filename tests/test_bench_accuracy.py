@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,12 @@ def test_python_dash_m_runs_the_same_command():
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("kvpress-mm bench accuracy: error: argument --images")
+
+
+def test_results_name_the_shipped_checkpoint_without_a_machine_path(tmp_path: Path) -> None:
+    from kvpress_mm.bench.accuracy import SHIPPED_CHECKPOINT, _describe_checkpoint
+    from kvpress_mm.reference.model import CHECKPOINT_DIR
+
+    assert _describe_checkpoint(None) == _describe_checkpoint(CHECKPOINT_DIR) == SHIPPED_CHECKPOINT
+    assert not SHIPPED_CHECKPOINT.startswith("/")
+    assert _describe_checkpoint(tmp_path) == str(tmp_path)  # a user's own checkpoint: as given

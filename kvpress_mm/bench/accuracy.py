@@ -54,6 +54,8 @@ PROG = "kvpress-mm bench accuracy"
 
 #: Strategies run when none are named (``full`` is the reference, run once at ratio 0).
 DEFAULT_STRATEGIES: tuple[str, ...] = BUILTIN_STRATEGIES
+# how results name the reference model shipped in the package
+SHIPPED_CHECKPOINT = "kvpress_mm/reference/checkpoint (shipped)"
 #: Compression ratios run when none are given.
 DEFAULT_RATIOS: tuple[float, ...] = (0.5, 0.8, 0.9)
 #: Images per prompt of the held-out sets when none are given.
@@ -222,6 +224,15 @@ def _output_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+def _describe_checkpoint(path: str | Path | None) -> str:
+    """The checkpoint for the results: the shipped one by name (no machine path), else as given."""
+    from kvpress_mm.reference.model import CHECKPOINT_DIR
+
+    if path is None or Path(path).resolve() == CHECKPOINT_DIR.resolve():
+        return SHIPPED_CHECKPOINT
+    return str(path)
+
+
 def run_accuracy_benchmark(
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     ratios: Sequence[float] = DEFAULT_RATIOS,
@@ -260,10 +271,10 @@ def run_accuracy_benchmark(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
     if model is None:
-        from kvpress_mm.reference.model import CHECKPOINT_DIR, load_reference_model
+        from kvpress_mm.reference.model import load_reference_model
 
         model, _ = load_reference_model(checkpoint)
-        source = str(checkpoint if checkpoint is not None else CHECKPOINT_DIR)
+        source = _describe_checkpoint(checkpoint)
     else:
         source = f"{type(model).__name__} (given)"
     configs: dict[str, dict[str, Any]] = {**DEFAULT_STRATEGY_CONFIGS}
@@ -541,7 +552,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         model=model,
         progress=not args.quiet,
     )
-    result.settings["model"] = str(directory)
+    result.settings["model"] = _describe_checkpoint(directory)
     tables = render_markdown(result)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
