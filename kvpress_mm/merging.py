@@ -88,35 +88,32 @@ def assign_evicted(
 
 def _merged(
     source: torch.Tensor,
-    kept_idx: torch.Tensor,
-    slot_of: torch.Tensor,
+    kept: torch.Tensor,
+    flat_slots: torch.Tensor,
     weight: torch.Tensor | None,
     count: torch.Tensor,
     pivotal: bool,
 ) -> torch.Tensor:
     """Merged kept entries ``[H, n, D]`` (float32) of one row.
 
-    ``source`` ``[H, P, D]`` are the row's entries; ``slot_of`` ``[H, P]`` is each position's
-    kept slot (its own for kept entries, its target for merged evicted ones, ``n`` for entries
-    that do not take part); ``weight`` ``[H, P]`` scales each entry (None: all 1);
+    ``source`` ``[H, P, D]`` are the row's entries and ``kept`` ``[H, n, D]`` its kept ones;
+    ``flat_slots`` ``[H * P]`` is each position's row of the flattened ``[H, n + 1]`` slots (its
+    own slot for a kept entry, its target for a merged evicted one, slot ``n``, dropped, for
+    entries that do not take part); ``weight`` ``[H, P]`` scales each entry (None: all 1);
     ``count`` ``[H, n]`` is ``n_c``.
     """
     heads, positions, dim = source.shape
-    n = kept_idx.shape[1]
+    n = kept.shape[1]
     source = source.float()
     if weight is not None:
         source = source * weight[..., None]
-    # one index_add over the flattened (head, slot) rows; slot n of each head collects the
-    # entries that do not take part and is dropped
-    flat = (slot_of + torch.arange(heads, device=slot_of.device)[:, None] * (n + 1)).flatten()
     totals = torch.zeros(heads * (n + 1), dim, device=source.device)
-    totals.index_add_(0, flat, source.reshape(heads * positions, dim))
+    totals.index_add_(0, flat_slots, source.reshape(heads * positions, dim))
     totals = totals.view(heads, n + 1, dim)[:, :n]  # K_c + sum_e w_e K_e
     if not pivotal:
         return totals / (1 + count[..., None])
     # (K_c + sum_e (K_e + K_c) / 2) / (1 + n_c) = K_c / 2 + (K_c + sum_e K_e) / (2 (1 + n_c))
-    kept = gather_entries(source[None], kept_idx[None])[0]
-    return kept / 2 + totals / (2 * (1 + count[..., None]))
+    return kept.float() / 2 + totals / (2 * (1 + count[..., None]))
 
 
 def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> CompressionPlan:
@@ -138,7 +135,7 @@ def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> C
             continue
         evicted_idx = is_evicted.nonzero()[:, 1].view(heads, m)  # [H, m] ascending
         keys = layer.keys[b]  # [H, P, D]
-        kept_k = gather_entries(keys[None], kept_idx[None])[0]
+        kept_k = merged_keys[b, :, first:]  # the kept keys, gathered above
         evicted_k = gather_entries(keys[None], evicted_idx[None])[0]
         target, similarity = assign_evicted(evicted_k, kept_k)
         # each position's slot: kept entries their own, evicted ones their target, padding none (n)
@@ -154,9 +151,10 @@ def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> C
             merged = torch.ones_like(similarity, dtype=torch.bool)
             slot_of.scatter_(1, evicted_idx, target)
         count = torch.zeros(heads, n, device=keys.device).scatter_add_(1, target, merged.float())  # n_c
+        # one index_add per tensor over the flattened (head, slot) rows, slot n of each head dropped
+        flat_slots = (slot_of + torch.arange(heads, device=keys.device)[:, None] * (n + 1)).flatten()
         pivotal = mode == "pivotal"
-        merged_keys[b, :, first:] = _merged(keys, kept_idx, slot_of, weight, count, pivotal).to(merged_keys.dtype)
-        merged_values[b, :, first:] = _merged(layer.values[b], kept_idx, slot_of, weight, count, pivotal).to(
-            merged_values.dtype
-        )
+        for out, source in ((merged_keys, keys), (merged_values, layer.values[b])):
+            kept = out[b, :, first:]  # the row's kept entries, gathered above
+            out[b, :, first:] = _merged(source, kept, flat_slots, weight, count, pivotal).to(out.dtype)
     return plan.with_merged(merged_keys, merged_values)

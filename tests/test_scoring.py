@@ -123,7 +123,6 @@ def test_fused_attention_matches_sdpa_and_column_sums(
 def test_fused_attention_never_allocates_full_attention(
     batch: int, kv_heads: int, groups: int, length: int, rows: int
 ) -> None:
-    heads = kv_heads * groups
     case = SyntheticCase(kv_heads, groups, 8, (length,) * batch, ((0,) * length,) * batch, 0.5, length)
     t = make_tensors(case)
     key_valid = t["modality"] != Modality.PADDING
@@ -134,9 +133,7 @@ def test_fused_attention_never_allocates_full_attention(
         output, _ = attention_with_column_sums(
             t["queries"], t["keys"], t["values"], 0.3, key_valid, key_valid, chunk_bytes
         )
-    assert rec.max_numel < heads * length * length
-    assert rec.max_numel <= max(batch * heads * rows * length, batch * heads * length * 8)
-    assert not any(len(s) >= 2 and s[-2:] == (length, length) for s in rec.shapes)
+    _assert_chunked(rec, batch, kv_heads, groups, length, rows, 0, chunk_bytes)
     _close(output, _sdpa_reference(t, 0.3), atol=1e-5, rtol=1e-5)
 
 
@@ -203,6 +200,27 @@ def _numel(shape: tuple[int, ...]) -> int:
     return int(torch.Size(shape).numel())
 
 
+def _assert_chunked(
+    rec: _AllocationRecorder,
+    batch: int,
+    kv_heads: int,
+    groups: int,
+    length: int,
+    rows: int,
+    start: int,
+    chunk_bytes: int,
+) -> None:
+    """No tensor as large as one row's [heads, L, L] matrix, and no [.., L, L] slice of it."""
+    heads = kv_heads * groups
+    assert rec.max_numel < heads * length * length
+    assert rec.max_numel <= max(batch * heads * rows * length, batch * heads * length * 8)
+    # A block's logits are also viewed flat, [groups * rows, width]: that view has the shape of an
+    # [L, L] matrix when groups * rows == L by coincidence (it holds rows < L queries); allow only that.
+    budget = chunk_bytes // (4 * groups)
+    flat_blocks = {(groups * (end - first), end) for first, end in _query_chunks(start, length, budget)}
+    assert not any(len(s) >= 2 and s[-2:] == (length, length) and s not in flat_blocks for s in rec.shapes)
+
+
 def test_allocation_recorder_detects_a_full_attention_matrix() -> None:
     # negative control: the recorder does see an [H, L, L] matrix when one is built
     case = SyntheticCase(2, 2, 4, (40,), ((0,) * 40,), 0.5, 3)
@@ -226,7 +244,6 @@ def test_allocation_recorder_detects_a_full_attention_matrix() -> None:
 def test_column_sums_never_allocate_full_attention(
     batch: int, kv_heads: int, groups: int, length: int, rows: int, start: int
 ) -> None:
-    heads = kv_heads * groups
     case = SyntheticCase(kv_heads, groups, 8, (length,) * batch, ((0,) * length,) * batch, 0.5, length)
     t = make_tensors(case)
     key_valid = t["modality"] != Modality.PADDING
@@ -235,14 +252,7 @@ def test_column_sums_never_allocate_full_attention(
     chunk_bytes = 4 * groups * length * rows
     with _AllocationRecorder() as rec:
         out = attention_column_sums(t["queries"], t["keys"], 0.3, key_valid, key_valid, start, chunk_bytes)
-    # no tensor as large as one row's [heads, L, L] matrix, and no [.., L, L] slice of it
-    assert rec.max_numel < heads * length * length
-    assert rec.max_numel <= max(batch * heads * rows * length, batch * heads * length * 8)
-    # A block's logits are also viewed flat, [groups * rows, width]: that view has the shape of an
-    # [L, L] matrix when groups * rows == L by coincidence (it holds rows < L queries); allow only that.
-    budget = chunk_bytes // (4 * groups)
-    flat_blocks = {(groups * (end - first), end) for first, end in _query_chunks(start, length, budget)}
-    assert not any(len(s) >= 2 and s[-2:] == (length, length) and s not in flat_blocks for s in rec.shapes)
+    _assert_chunked(rec, batch, kv_heads, groups, length, rows, start, chunk_bytes)
     _close(out, naive_column_sums(t["queries"], t["keys"], 0.3, t["modality"], query_start=start))
 
 
