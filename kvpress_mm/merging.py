@@ -52,6 +52,15 @@ def assign_evicted(
         on ties, as ``argmax``) and ``[H, m]`` float32 cosine similarity to it.
 
     """
+    if (
+        evicted_keys.dim() != 3
+        or kept_keys.dim() != 3
+        or (evicted_keys.shape[0] != kept_keys.shape[0] or evicted_keys.shape[2] != kept_keys.shape[2])
+    ):
+        raise ValueError(
+            f"expected evicted keys [H, m, D] and kept keys [H, n, D] with the same H and D, got "
+            f"{tuple(evicted_keys.shape)} and {tuple(kept_keys.shape)}"
+        )
     heads, m, dim = evicted_keys.shape
     n = kept_keys.shape[1]
     device = evicted_keys.device

@@ -220,3 +220,9 @@ def test_assign_evicted_breaks_ties_to_the_first_kept_entry(n_kept: int) -> None
             assert float(similarity[h, i]) == (1.0 if matches else 0.0)
     if n_kept >= 3:
         assert (target == n_kept - 3).any()  # the late direction was assigned
+
+
+@pytest.mark.parametrize(("evicted", "kept"), [((2, 5, 8), (3, 4, 8)), ((2, 5, 8), (2, 4, 6)), ((5, 8), (4, 8))])
+def test_assign_evicted_refuses_mismatched_shapes(evicted: tuple[int, ...], kept: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="same H and D"):
+        assign_evicted(torch.randn(*evicted), torch.randn(*kept))
