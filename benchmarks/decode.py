@@ -187,7 +187,7 @@ class Arm:
     def prompt_length(self) -> int:
         """Tokens of the prompt actually fed: L, or K for native-K."""
         if self.strategy == NATIVE:
-            from kvpress_mm.budget import n_keep_for
+            from kvpress_mm.ops.budget import n_keep_for
 
             return n_keep_for(self.length, self.ratio)
         return self.length
@@ -554,7 +554,7 @@ def derive_growing(model: Any, arm: Arm, source: dict[str, Any]) -> tuple[dict[s
     """An uncompressed growing arm: the stock arm's cache copied into ``GrowingLayer`` s (no prefill)."""
     from transformers import DynamicCache
 
-    from kvpress_mm.growing_cache import GrowingLayer
+    from kvpress_mm.cache.growing import GrowingLayer
 
     stock = source["cache"]
     cache = DynamicCache(config=model.config)

@@ -150,7 +150,7 @@ def ours_worker(model_dir: Path, prompt_path: Path, settings: dict[str, Any], de
     import transformers
     from transformers import DynamicCache
 
-    import kvpress_mm.session as session_module
+    import kvpress_mm.session.context as session_module
     from kvpress_mm import Compressor
 
     transformers.logging.set_verbosity_error()

@@ -11,9 +11,9 @@ with compressor(model):
 
 from kvpress_mm.compressor import Compressor, ScoredCompressor
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.layer import DecodeView, LayerView
 from kvpress_mm.modality import Modality
-from kvpress_mm.plan import CompressionPlan
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.views import DecodeView, LayerView
 from kvpress_mm.registry import list_strategies
 from kvpress_mm.session import CompressionReport, CompressionSession
 

@@ -1,5 +1,5 @@
 """``python -m kvpress_mm``: the ``kvpress-mm`` command line."""
 
-from kvpress_mm.cli import main
+from kvpress_mm.apps.cli import main
 
 raise SystemExit(main())

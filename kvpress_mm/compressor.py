@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvpress_mm.layer import DecodeView, LayerView
-from kvpress_mm.plan import CompressionPlan
-from kvpress_mm.selection import check_scores, select_top_with_window
-
-if TYPE_CHECKING:
-    from kvpress_mm.session import CompressionSession
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.selection import check_scores, select_top_with_window
+from kvpress_mm.ops.views import DecodeView, LayerView
+from kvpress_mm.registry import StrategyClass, get_strategy, strategy_name
+from kvpress_mm.session import CompressionSession
 
 
 class Compressor(BaseModel):
@@ -72,10 +71,13 @@ class Compressor(BaseModel):
         return self.compression_ratio == 0
 
     @property
+    def acts_while_decoding(self) -> bool:
+        """True when the class overrides :meth:`decode_plan`: the session then builds decode-time views."""
+        return type(self).decode_plan is not Compressor.decode_plan
+
+    @property
     def name(self) -> str:
         """The name this strategy class is registered under."""
-        from kvpress_mm.registry import strategy_name
-
         return strategy_name(type(self))
 
     @classmethod
@@ -101,9 +103,7 @@ class Compressor(BaseModel):
             kvpress_mm.errors.UnknownStrategyError: unknown strategy 'snapKV2'. Did you mean 'snapkv'? ...
 
         """
-        from kvpress_mm.registry import get_strategy
-
-        return get_strategy(name)(**config)
+        return cast(Compressor, get_strategy(name)(**config))
 
     def to_config(self) -> dict[str, Any]:
         """A JSON-serialisable dict with the strategy name and its config.
@@ -143,7 +143,7 @@ class Compressor(BaseModel):
             model: a transformers model (text-only decoder LM or a supported vision-language
                 model) using ``sdpa`` or ``eager`` attention.
             growing_cache: move each compressed layer into a
-                :class:`~kvpress_mm.growing_cache.GrowingLayer`, which appends decoded entries in
+                :class:`~kvpress_mm.cache.growing.GrowingLayer`, which appends decoded entries in
                 place (transformers' ``DynamicLayer`` copies the whole cache at every decode
                 step). ``False`` keeps ``DynamicLayer``; outputs are identical either way.
 
@@ -160,8 +160,6 @@ class Compressor(BaseModel):
             ```
 
         """
-        from kvpress_mm.session import CompressionSession
-
         return CompressionSession(self, model, growing_cache=growing_cache)
 
 
@@ -229,3 +227,7 @@ class ScoredCompressor(Compressor):
         scores = check_scores(self.score(layer), layer, type(self).__name__)
         windows = [self.protected_window(n) for n in layer.n_keep]
         return select_top_with_window(layer, scores, windows)
+
+
+# the registry accepts exactly Compressor subclasses as strategies (it sits below this module)
+StrategyClass.register(Compressor)  # type: ignore[type-abstract]  # an abstract class is what it marks

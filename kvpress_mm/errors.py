@@ -38,6 +38,13 @@ class CompressorAlreadyActiveError(KVPressMMError, RuntimeError):
 class MissingCheckpointError(KVPressMMError, FileNotFoundError):
     """The reference model's checkpoint directory holds no weights (``model.safetensors``).
 
-    The message says how to train one: ``python -m kvpress_mm.reference.train --out DIR``
+    The message says how to train one: ``python -m kvpress_mm.apps.reference.train --out DIR``
     (see the reference-model page of the docs).
+    """
+
+
+class UsageError(KVPressMMError, ValueError):
+    """A command's input is unusable (a missing model directory, an unreadable image or data file).
+
+    The commands print it as one line and exit with code 2.
     """

@@ -12,7 +12,9 @@ import difflib
 import importlib
 import importlib.metadata
 import os
+import pkgutil
 import warnings
+from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from kvpress_mm import hookspecs
-from kvpress_mm.errors import DuplicateStrategyError, UnknownStrategyError
+from kvpress_mm.adapters.base import ModelAdapter
+from kvpress_mm.errors import DuplicateStrategyError, UnknownStrategyError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from kvpress_mm.adapters.base import ModelAdapter
-    from kvpress_mm.compressor import Compressor
+    from torch import nn
 
 ENTRY_POINT_GROUP = "kvpress_mm"
 """Entry-point group where distributions advertise plugin modules (``[project.entry-points.kvpress_mm]``)."""
@@ -32,26 +34,35 @@ ENTRY_POINT_GROUP = "kvpress_mm"
 DISABLE_AUTOLOAD_ENV = "KVPRESS_MM_DISABLE_PLUGIN_AUTOLOAD"
 """Environment variable: ``1`` / ``true`` / ``yes`` loads the built-ins only, no installed plugin."""
 
-BUILTIN_PLUGINS = (
-    "kvpress_mm.strategies.full",
-    "kvpress_mm.strategies.random",
-    "kvpress_mm.strategies.streaming",
-    "kvpress_mm.strategies.h2o",
-    "kvpress_mm.strategies.snapkv",
-    "kvpress_mm.strategies.lookm_evict",
-    "kvpress_mm.strategies.lookm_average",
-    "kvpress_mm.strategies.lookm_pivotal",
-    "kvpress_mm.strategies.lookm_weighted",
-    "kvpress_mm.adapters.llava",
-    "kvpress_mm.adapters.llava_next",
-    "kvpress_mm.adapters.llava_onevision",
-    "kvpress_mm.adapters.qwen2_vl",
-    "kvpress_mm.adapters.qwen2_5_vl",
-    "kvpress_mm.adapters.qwen3_vl",
-    "kvpress_mm.adapters.internvl",
-    "kvpress_mm.adapters.generic",
-)
-"""Modules registered as plugins before any installed one: kvpress-mm's own strategies and adapters."""
+#: The packages whose modules are kvpress-mm's own plugins: every module in them that implements a
+#: hook is registered before any installed plugin, so adding a strategy or an adapter is adding a file.
+BUILTIN_PACKAGES = ("kvpress_mm.strategies", "kvpress_mm.adapters")
+
+
+def builtin_plugin_modules() -> tuple[str, ...]:
+    """The modules of :data:`BUILTIN_PACKAGES` that implement a hook, by package then name."""
+    found = []
+    for package_name in BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: info.name):
+            module_name = f"{package_name}.{info.name}"
+            module = importlib.import_module(module_name)
+            if any(callable(getattr(module, hook, None)) for hook in HOOK_NAMES):
+                found.append(module_name)
+    return tuple(found)
+
+
+#: The hooks a plugin module may implement (see :mod:`kvpress_mm.hookspecs`).
+HOOK_NAMES = ("kvpress_mm_register_strategies", "kvpress_mm_register_adapters")
+
+
+class StrategyClass(ABC):  # noqa: B024 - a marker: classes register, nothing is implemented
+    """What the registry accepts as a strategy: :class:`kvpress_mm.Compressor` and its subclasses.
+
+    :mod:`kvpress_mm.compressor` registers ``Compressor`` here (``StrategyClass.register``), so
+    that ``issubclass(cls, StrategyClass)`` holds exactly for strategy classes while the
+    registry, which the compressor uses, does not import the compressor.
+    """
 
 
 class PluginWarning(UserWarning):
@@ -63,7 +74,7 @@ class StrategyInfo:
     """A registered strategy: its name, class and where it came from."""
 
     name: str
-    cls: type[Compressor]
+    cls: type[Any]  # a kvpress_mm.Compressor subclass (a StrategyClass)
     origin: str
 
     @property
@@ -89,7 +100,8 @@ class Registry:
         self.manager = pluggy.PluginManager("kvpress_mm")
         self.manager.add_hookspecs(hookspecs)
         self._origins: dict[str, str] = {}
-        for module_name in BUILTIN_PLUGINS:
+        self._builtins = builtin_plugin_modules()
+        for module_name in self._builtins:
             self.manager.register(importlib.import_module(module_name), name=module_name)
             self._origins[module_name] = f"built-in ({module_name})"
         if autoload:
@@ -129,7 +141,7 @@ class Registry:
 
     def _collect(self, hook_name: str, add: Callable[[Any, str, list[Any]], None]) -> None:
         hook = getattr(self.manager.hook, hook_name)
-        impls = sorted(hook.get_hookimpls(), key=lambda impl: impl.plugin_name not in BUILTIN_PLUGINS)
+        impls = sorted(hook.get_hookimpls(), key=lambda impl: impl.plugin_name not in self._builtins)
         for impl in impls:
             origin = self._origins.get(impl.plugin_name, f"plugin {impl.plugin_name!r}")
             staged: list[Any] = []
@@ -142,7 +154,7 @@ class Registry:
             except DuplicateStrategyError:
                 raise
             except Exception as error:
-                if impl.plugin_name in BUILTIN_PLUGINS:
+                if impl.plugin_name in self._builtins:
                     raise
                 warnings.warn(
                     f"kvpress_mm {origin} raised in {hook_name} and was skipped: {type(error).__name__}: {error}",
@@ -157,14 +169,12 @@ class Registry:
                     self.adapters.append(item)
 
     def _add_strategy(self, args: Any, origin: str, staged: list[Any]) -> None:
-        from kvpress_mm.compressor import Compressor
-
         if len(args) != 2:
             raise TypeError("register(name, cls) takes a strategy name and a Compressor subclass")
         name, cls = args
         if not isinstance(name, str) or not name:
             raise TypeError(f"strategy names must be non-empty strings, got {name!r}")
-        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+        if not (isinstance(cls, type) and issubclass(cls, StrategyClass)):
             raise TypeError(f"strategy {name!r} must be a kvpress_mm.Compressor subclass, got {cls!r}")
         clash = self.strategies.get(name) or next((s for s in staged if getattr(s, "name", None) == name), None)
         if clash is not None:
@@ -175,8 +185,6 @@ class Registry:
         staged.append(StrategyInfo(name, cls, origin))
 
     def _add_adapter(self, args: Any, origin: str, staged: list[Any]) -> None:
-        from kvpress_mm.adapters.base import ModelAdapter
-
         if len(args) != 1 or not isinstance(args[0], ModelAdapter):
             raise TypeError("register(adapter) takes one kvpress_mm.adapters.ModelAdapter instance")
         staged.append(AdapterInfo(args[0], origin))
@@ -226,7 +234,7 @@ def strategy_infos() -> list[StrategyInfo]:
     return [registry.strategies[name] for name in sorted(registry.strategies)]
 
 
-def get_strategy(name: str) -> type[Compressor]:
+def get_strategy(name: str) -> type[Any]:
     """The strategy class registered as ``name``.
 
     Raises:
@@ -253,8 +261,29 @@ def strategy_name(cls: type) -> str:
 
 
 def registered_adapters() -> list[AdapterInfo]:
-    """Adapters in the order they are tried: plugins first, then the built-ins."""
+    """Adapters in the order they are tried: plugins first, then the built-ins, fallbacks last."""
     adapters = get_registry().adapters
-    return [a for a in adapters if not a.origin.startswith("built-in")] + [
-        a for a in adapters if a.origin.startswith("built-in")
-    ]
+
+    def rank(info: AdapterInfo) -> tuple[bool, bool]:
+        return (info.adapter.fallback, info.origin.startswith("built-in"))
+
+    return sorted(adapters, key=rank)  # stable: registration order within a rank
+
+
+def find_adapter(model: nn.Module) -> ModelAdapter:
+    """The first registered adapter that supports ``model``.
+
+    Raises:
+        UnsupportedModelError: naming the supported families.
+
+    """
+    adapters = registered_adapters()
+    for info in adapters:
+        if info.adapter.supports(model):
+            return info.adapter
+    families = "; ".join(dict.fromkeys(info.adapter.family for info in adapters))
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    raise UnsupportedModelError(
+        f"{type(model).__name__} (model_type {model_type!r}) is not supported by any kvpress-mm adapter. "
+        f"Supported families: {families}. A plugin can add an adapter through kvpress_mm_register_adapters."
+    )

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny_models import TEXT_CONFIG
 
-from kvpress_mm.embedded_model import EmbeddedModelConfig, build_tokenizer, save
-from kvpress_mm.prompts import synthetic_image
+from kvpress_mm.apps.embedded_model import EmbeddedModelConfig, build_tokenizer, save
+from kvpress_mm.apps.prompts import synthetic_image
 
 #: A smaller embedded model: 2 layers, 16 tokens per image, 2 KV heads of head_dim 32.
 TINY = EmbeddedModelConfig(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2)
@@ -23,7 +23,7 @@ TINY_BYTES_PER_ENTRY = 2 * 2 * 2 * 32 * 4
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
     """``main(argv)`` as the console script runs it, each argument as text: (exit code, stdout, stderr)."""
-    from kvpress_mm.cli import main
+    from kvpress_mm.apps.cli import main
 
     try:
         code = main([str(a) for a in argv])

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import kvpress_mm.cache_surgery as cache_surgery
-import kvpress_mm.session as session_module
+import kvpress_mm.cache.surgery as cache_surgery
+import kvpress_mm.session.context as session_module
 
 REF_PREFIX = "e2e_reference_"
 

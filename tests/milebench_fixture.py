@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvpress_mm.prompts import synthetic_image
+from kvpress_mm.apps.prompts import synthetic_image
 
 #: dataset -> (question_type, number of samples)
 DATASETS = {

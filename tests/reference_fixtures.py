@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cli_fixtures import quiet_transformers
 
-from kvpress_mm.reference.train import TrainConfig, build_model, save
+from kvpress_mm.apps.reference.train import TrainConfig, build_model, save
 
 
 def save_reference_checkpoint(directory: Path) -> Path:

@@ -13,7 +13,7 @@ import torch
 from hypothesis import strategies as st
 
 from kvpress_mm import CompressionPlan, LayerView, Modality
-from kvpress_mm.budget import n_keep_for
+from kvpress_mm.ops.budget import n_keep_for
 
 LOOKM_STRATEGIES = ("lookm-evict", "lookm-average", "lookm-pivotal", "lookm-weighted")
 MERGING_STRATEGIES = ("lookm-average", "lookm-pivotal", "lookm-weighted")
@@ -239,7 +239,7 @@ def naive_snapkv_scores(view: LayerView, window: int, kernel: int, mode: str) ->
 
 
 class CacheLayer:
-    """The minimal object :func:`kvpress_mm.cache_surgery.apply_plan` works on."""
+    """The minimal object :func:`kvpress_mm.cache.surgery.apply_plan` works on."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys = keys

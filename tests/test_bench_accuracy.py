@@ -11,7 +11,7 @@ import pytest
 import torch
 from cli_fixtures import run_cli
 
-from kvpress_mm.bench.accuracy import (
+from kvpress_mm.apps.bench.accuracy import (
     AccuracyResult,
     answer_batch,
     answer_logits,
@@ -21,10 +21,10 @@ from kvpress_mm.bench.accuracy import (
     run_accuracy_benchmark,
     split_prompt,
 )
+from kvpress_mm.apps.reference import encode_prompts, heldout_prompts, load_reference_model
+from kvpress_mm.apps.reference.evaluate import accuracy_by_kind, predict
+from kvpress_mm.apps.reference.tasks import TASK_KINDS
 from kvpress_mm.compressor import Compressor
-from kvpress_mm.reference import encode_prompts, heldout_prompts, load_reference_model
-from kvpress_mm.reference.evaluate import accuracy_by_kind, predict
-from kvpress_mm.reference.tasks import TASK_KINDS
 
 # commands set torch's thread count for their process: every test gives the test process its own back
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
@@ -210,11 +210,11 @@ def test_bench_accuracy_user_errors_exit_2_with_one_line(capsys, tmp_path, argv,
 
 
 def test_bench_accuracy_without_the_shipped_checkpoint_says_how_to_train_one(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
+    monkeypatch.setattr("kvpress_mm.apps.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
     code, out, err = run_cli(capsys, "bench", "accuracy", "--output", tmp_path / "out", "--quiet")
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1
-    assert "no reference checkpoint in" in err and "python -m kvpress_mm.reference.train" in err
+    assert "no reference checkpoint in" in err and "python -m kvpress_mm.apps.reference.train" in err
     assert "KVPRESS_MM_TRACEBACK" not in err  # an expected error, not a crash
 
 
@@ -229,7 +229,7 @@ def test_bench_accuracy_help_has_examples(capsys):
 
 def test_python_dash_m_runs_the_same_command():
     result = subprocess.run(
-        [sys.executable, "-m", "kvpress_mm.bench.accuracy", "--images", "0"],
+        [sys.executable, "-m", "kvpress_mm.apps.bench.accuracy", "--images", "0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -240,8 +240,8 @@ def test_python_dash_m_runs_the_same_command():
 
 
 def test_results_name_the_shipped_checkpoint_without_a_machine_path(tmp_path: Path) -> None:
-    from kvpress_mm.bench.accuracy import SHIPPED_CHECKPOINT, _describe_checkpoint
-    from kvpress_mm.reference.model import CHECKPOINT_DIR
+    from kvpress_mm.apps.bench.accuracy import SHIPPED_CHECKPOINT, _describe_checkpoint
+    from kvpress_mm.apps.reference.model import CHECKPOINT_DIR
 
     assert _describe_checkpoint(None) == _describe_checkpoint(CHECKPOINT_DIR) == SHIPPED_CHECKPOINT
     assert not SHIPPED_CHECKPOINT.startswith("/")

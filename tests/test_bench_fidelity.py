@@ -8,13 +8,13 @@ import pytest
 import torch
 from cli_fixtures import TINY, TINY_BYTES_PER_ENTRY, run_cli, save_tiny_llava, write_images
 
-from kvpress_mm.bench.fidelity import load_prompts, reference_prompts, run_fidelity, summarize
-from kvpress_mm.bench.metrics import fidelity, greedy_agreement, kl_per_step
-from kvpress_mm.command_errors import UsageError
-from kvpress_mm.embedded_model import build
-from kvpress_mm.models import LoadedModel
-from kvpress_mm.prompts import gallery_prompt
-from kvpress_mm.reference.tasks import HELDOUT_SEED, heldout_prompts
+from kvpress_mm.apps.bench.fidelity import load_prompts, reference_prompts, run_fidelity, summarize
+from kvpress_mm.apps.bench.metrics import fidelity, greedy_agreement, kl_per_step
+from kvpress_mm.apps.embedded_model import build
+from kvpress_mm.apps.models import LoadedModel
+from kvpress_mm.apps.prompts import gallery_prompt
+from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, heldout_prompts
+from kvpress_mm.errors import UsageError
 
 # commands set torch's thread count for their process: every test gives the test process its own back
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
@@ -123,7 +123,7 @@ def test_bad_prompt_files_raise_one_clear_error(tmp_path, content, name, expecte
 
 def test_bench_fidelity_writes_json_and_png_and_prints_a_table(capsys, tmp_path, monkeypatch, reference_checkpoint):
     # the default model is the shipped reference VLM: here an untrained one in its place
-    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", reference_checkpoint)
+    monkeypatch.setattr("kvpress_mm.apps.reference.model.CHECKPOINT_DIR", reference_checkpoint)
     code, out, err = run_cli(
         capsys, "bench", "fidelity", "--strategies", "snapkv,h2o", "--ratios", "0.5,0.9", "--num-prompts", "2",
         "--new-tokens", "3", "--output", tmp_path, "--threads", "1",
@@ -174,10 +174,10 @@ def test_reference_prompts_are_heldout_task_prompts_with_pil_images():
 
 
 def test_bench_fidelity_without_the_shipped_checkpoint_says_how_to_train_one(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
+    monkeypatch.setattr("kvpress_mm.apps.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
     code, out, err = run_cli(capsys, "bench", "fidelity", "--output", tmp_path / "out", "--quiet")
     assert code == 1 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "python -m kvpress_mm.reference.train" in err
+    assert len(err.strip().splitlines()) == 1 and "python -m kvpress_mm.apps.reference.train" in err
 
 
 def test_bench_fidelity_json_and_quiet_on_a_local_model_with_a_prompt_file(capsys, tmp_path):

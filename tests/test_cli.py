@@ -206,11 +206,11 @@ def test_demo_seed_picks_another_heldout_context(capsys, demo_argv):
 
 
 def test_demo_without_the_shipped_checkpoint_says_how_to_train_one(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
+    monkeypatch.setattr("kvpress_mm.apps.reference.model.CHECKPOINT_DIR", tmp_path / "checkpoint")
     code, out, err = run_cli(capsys, *TINY_DEMO, "--quiet")
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("kvpress-mm demo: error: no reference checkpoint")
-    assert "python -m kvpress_mm.reference.train" in err
+    assert "python -m kvpress_mm.apps.reference.train" in err
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from types import ModuleType
 import pytest
 from benchmark_scripts import BENCHMARKS, load_benchmark
 
-from kvpress_mm.budget import n_keep_for
-from kvpress_mm.session import GROWING_HEADROOM
+from kvpress_mm.cache.growing import DEFAULT_HEADROOM as GROWING_HEADROOM
+from kvpress_mm.ops.budget import n_keep_for
 
 TINY_MODEL = ["--hidden=64", "--intermediate=128", "--layers=2", "--heads=4", "--kv-heads=4", "--vocab=256"]
 # keys and values of one entry in every layer: 2 layers x 2 x 4 KV heads x head_dim 16 x 4 bytes

@@ -37,7 +37,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from kvpress_mm import Compressor
 from kvpress_mm.errors import InvalidInputError
-from kvpress_mm.session import _cache_states
+from kvpress_mm.session.state import state_of
 
 torch.set_num_threads(1)
 
@@ -245,7 +245,8 @@ def test_session_state_follows_the_rows() -> None:
     with Compressor.from_name("h2o", compression_ratio=0.5)(model):
         out = generate(model, ids, mask, max_new_tokens=2)
     cache = cache_of(out)
-    state = _cache_states[cache]
+    state = state_of(cache)
+    assert state is not None
     layer = state.layers[0]
     before = copy.deepcopy((state.next_positions, layer.slot_valid, layer.n_keep, layer.strategy_state))
     keys = cache.layers[0].keys.clone()
@@ -266,7 +267,8 @@ def test_copies_of_a_compressed_cache_keep_their_own_rows() -> None:
     with Compressor.from_name("h2o", compression_ratio=0.5)(model):
         out = generate(model, ids, mask, max_new_tokens=2)
     cache = cache_of(out)
-    state = _cache_states[cache]
+    state = state_of(cache)
+    assert state is not None
     keys, positions = cache.layers[0].keys.clone(), state.next_positions.clone()
     for other in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
         other.reorder_cache(torch.tensor([1, 0]))

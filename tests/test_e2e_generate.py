@@ -11,9 +11,11 @@ from masked_reference import PlanRecorder, cache_of
 from tiny_models import FAMILIES, build, generate, left_padded, prompt
 
 from kvpress_mm import Compressor
-from kvpress_mm import layer as layer_module
-from kvpress_mm import session as session_module
-from kvpress_mm.session import GROWING_HEADROOM
+from kvpress_mm.cache.growing import DEFAULT_HEADROOM as GROWING_HEADROOM
+from kvpress_mm.ops import views as layer_module
+from kvpress_mm.session import attention as attention_module
+from kvpress_mm.session import prefill as prefill_module
+from kvpress_mm.session.context import CompressionSession
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 torch.set_num_threads(1)
@@ -101,7 +103,7 @@ def test_growing_layers_add_headroom_once_not_a_copy_of_the_prompt(name: str) ->
 
     Growth is geometric in the decoded entries only: the compressed prompt part is never doubled.
     """
-    from kvpress_mm.growing_cache import GrowingLayer
+    from kvpress_mm.cache.growing import GrowingLayer
 
     model = build(FAMILY_OF[name], "sdpa")
     ids = prompt(PROMPT_LEN)
@@ -185,9 +187,9 @@ class _CallCounter:
 
 def _count_statistics(monkeypatch: pytest.MonkeyPatch) -> tuple[_CallCounter, _CallCounter]:
     """``(fused, lazy)``: calls of the fused prefill attention, and of the lazy column sums."""
-    fused = _CallCounter(session_module.attention_with_column_sums)
+    fused = _CallCounter(prefill_module.attention_with_column_sums)
     lazy = _CallCounter(layer_module.attention_column_sums)
-    monkeypatch.setattr(session_module, "attention_with_column_sums", fused)
+    monkeypatch.setattr(prefill_module, "attention_with_column_sums", fused)
     monkeypatch.setattr(layer_module, "attention_column_sums", lazy)
     return fused, lazy
 
@@ -220,7 +222,7 @@ def test_fused_prefill_matches_the_lazy_path(
     out, plans = _prefill_plans(model, name, ids, mask)
     # fused: the sums come with the attention, no second pass over the prompt
     assert (fused.calls, lazy.calls) == (layers, 0)
-    monkeypatch.setattr(session_module, "_FUSED_PREFILL", False)
+    monkeypatch.setattr(CompressionSession, "fused_prefill", False)
     reference, reference_plans = _prefill_plans(model, name, ids, mask)
     assert (fused.calls, lazy.calls) == (layers, layers)
     assert len(plans) == len(reference_plans) == layers
@@ -281,19 +283,19 @@ def test_fused_prefill_mask_check(wrapped: str) -> None:
     key_valid = torch.tensor([[False, False, True, True, True, True], [True] * 6])
     build_mask = sdpa_mask if wrapped == "sdpa" else eager_mask
     mask = build_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=key_valid)
-    assert session_module._mask_is_causal_with_padding(mask, key_valid, wrapped)
+    assert attention_module.mask_is_causal_with_padding(mask, key_valid, wrapped)
     # a different padding than the modality map's
-    assert not session_module._mask_is_causal_with_padding(mask, torch.ones(2, 6, dtype=torch.bool), wrapped)
+    assert not attention_module.mask_is_causal_with_padding(mask, torch.ones(2, 6, dtype=torch.bool), wrapped)
     # one more hidden key (a sliding window, a packed sequence, a custom 4-D mask)
     changed = mask.clone()
     changed[1, 0, 5, 0] = False if wrapped == "sdpa" else torch.finfo(changed.dtype).min
-    assert not session_module._mask_is_causal_with_padding(changed, key_valid, wrapped)
+    assert not attention_module.mask_is_causal_with_padding(changed, key_valid, wrapped)
     # one future key visible
     changed = mask.clone()
     changed[1, 0, 2, 4] = True if wrapped == "sdpa" else 0.0
-    assert not session_module._mask_is_causal_with_padding(changed, key_valid, wrapped)
+    assert not attention_module.mask_is_causal_with_padding(changed, key_valid, wrapped)
     # an additive mask for sdpa, a bool one for eager, wrong shapes
-    assert not session_module._mask_is_causal_with_padding(
+    assert not attention_module.mask_is_causal_with_padding(
         mask.float() if wrapped == "sdpa" else mask == 0, key_valid, wrapped
     )
-    assert not session_module._mask_is_causal_with_padding(mask[:, :, :5], key_valid, wrapped)
+    assert not attention_module.mask_is_causal_with_padding(mask[:, :, :5], key_valid, wrapped)

@@ -21,7 +21,7 @@ from tiny_models import (
 )
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import kvpress_mm.session as session_module
+import kvpress_mm.session.context as session_module
 from kvpress_mm import Compressor
 from kvpress_mm.errors import (
     CompressorAlreadyActiveError,

@@ -20,10 +20,10 @@ from tiny_models import build, generate, prompt
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpress_mm import Compressor
-from kvpress_mm.budget import n_keep_for
-from kvpress_mm.cache_surgery import apply_plan, kv_bytes
-from kvpress_mm.growing_cache import GrowingLayer, growing_dynamic_cache
-from kvpress_mm.plan import CompressionPlan
+from kvpress_mm.cache.growing import GrowingLayer, growing_dynamic_cache
+from kvpress_mm.cache.surgery import apply_plan, kv_bytes
+from kvpress_mm.ops.budget import n_keep_for
+from kvpress_mm.ops.plan import CompressionPlan
 
 torch.set_num_threads(1)
 

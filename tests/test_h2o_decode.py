@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from synthetic import CacheLayer, SyntheticCase, make_tensors, make_view, naive_h2o_scores, synthetic_cases
 
 from kvpress_mm import Compressor, DecodeView
-from kvpress_mm.cache_surgery import apply_plan
+from kvpress_mm.cache.surgery import apply_plan
 
 torch.set_num_threads(1)
 

@@ -19,8 +19,8 @@ from synthetic import (
 )
 
 from kvpress_mm import CompressionPlan, Compressor, LayerView
-from kvpress_mm.cache_surgery import apply_plan
-from kvpress_mm.merging import ARGMAX_BLOCK, assign_evicted
+from kvpress_mm.cache.surgery import apply_plan
+from kvpress_mm.ops.merging import ARGMAX_BLOCK, assign_evicted
 
 torch.set_num_threads(1)
 

@@ -13,11 +13,11 @@ import pytest
 from cli_fixtures import run_cli, save_tiny_llava, save_tiny_text_model
 from milebench_fixture import DATASETS, write_milebench
 
-import kvpress_mm.eval.milebench_runner as runner
-from kvpress_mm.command_errors import UsageError
-from kvpress_mm.eval.milebench import IMAGE_PLACEHOLDER, build_prompt, dataset_group, load_dataset
-from kvpress_mm.eval.milebench_scoring import match_choice, normalize, score_dataset, score_sample
-from kvpress_mm.eval.rouge import rouge_l
+import kvpress_mm.apps.eval.milebench_runner as runner
+from kvpress_mm.apps.eval.milebench import IMAGE_PLACEHOLDER, build_prompt, dataset_group, load_dataset
+from kvpress_mm.apps.eval.milebench_scoring import match_choice, normalize, score_dataset, score_sample
+from kvpress_mm.apps.eval.rouge import rouge_l
+from kvpress_mm.errors import UsageError
 
 N_SAMPLES = sum(count for _, count in DATASETS.values())
 

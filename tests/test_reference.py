@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpress_mm.errors import MissingCheckpointError
-from kvpress_mm.models import default_model
-from kvpress_mm.reference import CHECKPOINT_DIR, encode_prompts, load_reference_model, render_image
-from kvpress_mm.reference.evaluate import accuracy_by_kind
-from kvpress_mm.reference.model import (
+from kvpress_mm.apps.models import default_model
+from kvpress_mm.apps.reference import CHECKPOINT_DIR, encode_prompts, load_reference_model, render_image
+from kvpress_mm.apps.reference.evaluate import accuracy_by_kind
+from kvpress_mm.apps.reference.model import (
     IMAGE_TOKEN_ID,
     TOKENS_PER_IMAGE,
     build_processor,
@@ -22,8 +21,8 @@ from kvpress_mm.reference.model import (
     has_task_vocabulary,
     vocab_size,
 )
-from kvpress_mm.reference.render import encode_words, to_prompt, word_ids
-from kvpress_mm.reference.tasks import (
+from kvpress_mm.apps.reference.render import encode_words, to_prompt, word_ids
+from kvpress_mm.apps.reference.tasks import (
     COUNT_WORDS,
     HELDOUT_SEED,
     IMAGE_WORD,
@@ -36,7 +35,8 @@ from kvpress_mm.reference.tasks import (
     heldout_prompts,
     vocabulary,
 )
-from kvpress_mm.reference.train import VALIDATION_SEED, TrainConfig, task_config
+from kvpress_mm.apps.reference.train import VALIDATION_SEED, TrainConfig, task_config
+from kvpress_mm.errors import MissingCheckpointError
 
 #: Minimum full-cache accuracy of the SHIPPED checkpoint per image count and task kind, on the
 #: fixed sample of :func:`test_shipped_model_accuracy` (16 held-out contexts per image count, one
@@ -187,7 +187,7 @@ def test_encode_prompts_equals_the_processor(source, reference_checkpoint):
 
 
 def test_to_prompt_goes_through_the_commands_encoder(reference_checkpoint):
-    from kvpress_mm.models import encode
+    from kvpress_mm.apps.models import encode
 
     loaded = default_model(reference_checkpoint)
     for prompt in heldout_prompts(3, 1):
@@ -211,7 +211,7 @@ def test_a_saved_checkpoint_holds_only_files_the_package_ships(reference_checkpo
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["kvpress_mm.reference"]
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["kvpress_mm.apps.reference"]
     names = sorted(p.name for p in reference_checkpoint.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "training.json"} <= set(
         names
@@ -238,9 +238,9 @@ def test_a_missing_checkpoint_says_how_to_train_one(tmp_path, monkeypatch):
     assert isinstance(error.value, MissingCheckpointError)
     message = str(error.value)
     assert f"no reference checkpoint in {tmp_path / 'none'}" in message
-    assert "python -m kvpress_mm.reference.train" in message and "\n" not in message
-    monkeypatch.setattr("kvpress_mm.reference.model.CHECKPOINT_DIR", tmp_path / "shipped")
-    with pytest.raises(MissingCheckpointError, match=r"shipped .*python -m kvpress_mm\.reference\.train"):
+    assert "python -m kvpress_mm.apps.reference.train" in message and "\n" not in message
+    monkeypatch.setattr("kvpress_mm.apps.reference.model.CHECKPOINT_DIR", tmp_path / "shipped")
+    with pytest.raises(MissingCheckpointError, match=r"shipped .*python -m kvpress_mm\.apps\.reference\.train"):
         default_model()
 
 
@@ -249,7 +249,8 @@ def test_a_missing_checkpoint_says_how_to_train_one(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(
     not (CHECKPOINT_DIR / "model.safetensors").is_file(),
-    reason=f"no shipped reference checkpoint in {CHECKPOINT_DIR} (train one: python -m kvpress_mm.reference.train)",
+    reason=f"no shipped reference checkpoint in {CHECKPOINT_DIR} "
+    "(train one: python -m kvpress_mm.apps.reference.train)",
 )
 def test_shipped_model_accuracy():
     """The shipped checkpoint loads and answers a fixed held-out sample as well as when it was shipped."""

@@ -23,13 +23,14 @@ import torch
 
 import kvpress_mm
 from kvpress_mm import Compressor, ScoredCompressor, hookimpl, hookspecs, list_strategies
-from kvpress_mm.adapters.base import ModelAdapter, find_adapter
+from kvpress_mm.adapters.base import ModelAdapter
 from kvpress_mm.adapters.generic import TextDecoderAdapter
 from kvpress_mm.errors import DuplicateStrategyError, KVPressMMError, UnknownStrategyError
 from kvpress_mm.registry import (
     DISABLE_AUTOLOAD_ENV,
     ENTRY_POINT_GROUP,
     PluginWarning,
+    find_adapter,
     get_registry,
     registered_adapters,
     reset_registry,
@@ -178,14 +179,15 @@ def test_list_strategies_is_exactly_the_builtins_without_autoload(no_autoload: N
     assert len(list_strategies()) == 9
 
 
+# the built-in adapter modules in the order they are tried: by name, the fallback (generic) last
 ADAPTER_MODULES = (
+    "internvl",
     "llava",
     "llava_next",
     "llava_onevision",
-    "qwen2_vl",
     "qwen2_5_vl",
+    "qwen2_vl",
     "qwen3_vl",
-    "internvl",
     "generic",
 )
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kvpress_mm import Compressor, Modality
-from kvpress_mm.scoring import CHUNK_BYTES, _query_chunks, attention_column_sums, attention_with_column_sums
+from kvpress_mm.ops.scoring import CHUNK_BYTES, _query_chunks, attention_column_sums, attention_with_column_sums
 
 torch.set_num_threads(1)
 

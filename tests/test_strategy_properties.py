@@ -22,8 +22,8 @@ from synthetic import (
 )
 
 from kvpress_mm import CompressionPlan, Compressor, LayerView, Modality
-from kvpress_mm.budget import n_keep_for
-from kvpress_mm.cache_surgery import apply_plan
+from kvpress_mm.cache.surgery import apply_plan
+from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 torch.set_num_threads(1)

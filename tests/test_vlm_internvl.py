@@ -25,8 +25,8 @@ from PIL import Image
 from tiny_vlms import IMAGE, IMG_END, IMG_START, PAD, build_vlm, generate_vlm
 
 from kvpress_mm import Compressor, Modality
-from kvpress_mm.adapters.base import find_adapter
 from kvpress_mm.adapters.internvl import expand_image_placeholders
+from kvpress_mm.registry import find_adapter
 
 torch.set_num_threads(1)
 

@@ -36,7 +36,7 @@ from tiny_vlms import (
 )
 
 from kvpress_mm import Compressor, LayerView, Modality, ScoredCompressor
-from kvpress_mm.adapters.base import find_adapter
+from kvpress_mm.registry import find_adapter
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 torch.set_num_threads(1)

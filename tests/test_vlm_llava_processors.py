@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_vlms import GRID_PINPOINTS, IMAGE, PAD, build_vlm, generate_vlm, model_class
 
 from kvpress_mm import Compressor, Modality
-from kvpress_mm.adapters.base import find_adapter
+from kvpress_mm.registry import find_adapter
 
 torch.set_num_threads(1)
 

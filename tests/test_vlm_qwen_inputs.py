@@ -37,12 +37,12 @@ from tiny_qwen_vlms import (
 )
 
 from kvpress_mm import Compressor
-from kvpress_mm.adapters import find_adapter
 from kvpress_mm.adapters.qwen2_5_vl import Qwen25VLAdapter
 from kvpress_mm.adapters.qwen2_vl import Qwen2VLAdapter, expand_vision_placeholders
 from kvpress_mm.adapters.qwen3_vl import Qwen3VLAdapter
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
+from kvpress_mm.registry import find_adapter
 
 torch.set_num_threads(1)
 

@@ -1,5 +1,5 @@
 """Model adapters: one file per model family. They know models; strategies know tensors."""
 
-from kvpress_mm.adapters.base import ModelAdapter, find_adapter
+from kvpress_mm.adapters.base import ModelAdapter
 
-__all__ = ["ModelAdapter", "find_adapter"]
+__all__ = ["ModelAdapter"]

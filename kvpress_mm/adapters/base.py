@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvpress_mm.errors import InvalidInputError, UnsupportedModelError
+from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
 
 
@@ -22,6 +22,9 @@ class ModelAdapter(ABC):
 
     #: Human-readable family name, shown in "supported families" errors.
     family: str = "unnamed family"
+    #: A fallback is tried after every other adapter, built-in or plugin (the built-in generic text
+    #: adapter is one: it claims any text decoder, so a family's own adapter must come first).
+    fallback: bool = False
 
     @abstractmethod
     def supports(self, model: nn.Module) -> bool:
@@ -111,24 +114,3 @@ def padding_aware_text_map(inputs: Mapping[str, Any], seq_len: int) -> torch.Ten
         return modality.masked_fill(mask == 0, int(Modality.PADDING))
     batch = _batch_size(inputs)
     return torch.full((batch, seq_len), int(Modality.TEXT), dtype=torch.int8)
-
-
-def find_adapter(model: nn.Module) -> ModelAdapter:
-    """The first registered adapter that supports ``model``.
-
-    Raises:
-        UnsupportedModelError: naming the supported families.
-
-    """
-    from kvpress_mm.registry import registered_adapters
-
-    adapters = registered_adapters()
-    for info in adapters:
-        if info.adapter.supports(model):
-            return info.adapter
-    families = "; ".join(dict.fromkeys(info.adapter.family for info in adapters))
-    model_type = getattr(getattr(model, "config", None), "model_type", "?")
-    raise UnsupportedModelError(
-        f"{type(model).__name__} (model_type {model_type!r}) is not supported by any kvpress-mm adapter. "
-        f"Supported families: {families}. A plugin can add an adapter through kvpress_mm_register_adapters."
-    )

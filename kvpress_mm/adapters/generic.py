@@ -21,6 +21,11 @@ class TextDecoderAdapter(ModelAdapter):
 
     family = "text-only decoder LMs using transformers' attention interface (Llama, Mistral, Qwen2, Qwen3, ...)"
 
+    def __init__(self, fallback: bool = False) -> None:
+        # the built-in instance is a fallback (it claims any text decoder, so a plugin's adapter
+        # for a text family must come first); a subclass from a plugin is not, unless it says so
+        self.fallback = fallback
+
     def supports(self, model: nn.Module) -> bool:
         """Text-only, standard decoder layout, attention interface."""
         config = getattr(model, "config", None)
@@ -52,4 +57,4 @@ class TextDecoderAdapter(ModelAdapter):
 @hookimpl
 def kvpress_mm_register_adapters(register: Any) -> None:
     """Register the generic text adapter."""
-    register(TextDecoderAdapter())
+    register(TextDecoderAdapter(fallback=True))

@@ -6,9 +6,9 @@ from typing import Any
 
 from kvpress_mm.compressor import Compressor
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.layer import LayerView
-from kvpress_mm.plan import CompressionPlan
-from kvpress_mm.selection import keep_everything
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.selection import keep_everything
+from kvpress_mm.ops.views import LayerView
 
 
 class Full(Compressor):

@@ -11,12 +11,12 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from kvpress_mm.budget import clamp_window
 from kvpress_mm.compressor import ScoredCompressor
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.layer import DecodeView, LayerView
-from kvpress_mm.plan import CompressionPlan
-from kvpress_mm.scoring import group_mean
+from kvpress_mm.ops.budget import clamp_window
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.scoring import group_mean
+from kvpress_mm.ops.views import DecodeView, LayerView
 
 
 class H2O(ScoredCompressor):

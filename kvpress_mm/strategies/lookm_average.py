@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.layer import LayerView
-from kvpress_mm.merging import merge_evicted
-from kvpress_mm.plan import CompressionPlan
+from kvpress_mm.ops.merging import merge_evicted
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.views import LayerView
 from kvpress_mm.strategies.lookm_evict import LookMEvict
 
 

@@ -12,9 +12,9 @@ from pydantic import Field
 
 from kvpress_mm.compressor import Compressor
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.layer import LayerView
-from kvpress_mm.plan import CompressionPlan
-from kvpress_mm.selection import select_text_first
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.selection import select_text_first
+from kvpress_mm.ops.views import LayerView
 
 
 class LookMEvict(Compressor):

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from kvpress_mm.compressor import ScoredCompressor
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.layer import LayerView
+from kvpress_mm.ops.views import LayerView
 
 
 class Random(ScoredCompressor):

@@ -14,8 +14,8 @@ from pydantic import Field, field_validator
 
 from kvpress_mm.compressor import ScoredCompressor
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.layer import LayerView
-from kvpress_mm.scoring import group_mean
+from kvpress_mm.ops.scoring import group_mean
+from kvpress_mm.ops.views import LayerView
 
 
 class SnapKV(ScoredCompressor):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from kvpress_mm import Compressor, list_strategies
-from kvpress_mm.cli import main as kvpress_mm_cli
+from kvpress_mm.apps.cli import main as kvpress_mm_cli
 from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV, reset_registry, strategy_infos
 
 import kvpress_mm_keynorm

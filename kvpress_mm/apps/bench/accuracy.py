@@ -1,0 +1,597 @@
+"""Accuracy vs compression on the reference VLM: accuracy per task kind x strategy x compression ratio.
+
+The shipped reference model (:mod:`kvpress_mm.apps.reference`) answers one-token questions about
+multi-image prompts. Each held-out prompt is split in two:
+
+- ``--mode question`` (default, question-agnostic): the *context* (images, facts, fillers) is
+  prefilled under the compressor and compressed; the *question* is then run on the compressed
+  cache, and its last position's greedy token is the answer. The strategy never sees the
+  question when it chooses what to keep: the cache must keep what any question may need.
+- ``--mode last-token`` (question-aware): everything but the prompt's last token is prefilled and
+  compressed (the question's first words are in the prompt, so window-based strategies see them),
+  then the last token is decoded on the compressed cache.
+
+In both modes the answer is computed by attention over the *compressed* cache. (A plain
+``model.generate(**inputs, max_new_tokens=1)`` would not measure anything: its one token comes
+from the prefill forward, which attends to the full prompt before the cache is compressed.)
+
+```bash
+kvpress-mm bench accuracy                          # every strategy, ratios 0.5,0.8,0.9, 8 and 12 images
+kvpress-mm bench accuracy --strategies snapkv,h2o --ratios 0.8 --contexts 16
+kvpress-mm bench accuracy --json > accuracy.json   # machine-readable result on stdout
+python -m kvpress_mm.apps.bench.accuracy --help         # the same command
+```
+
+```python
+from kvpress_mm.apps.bench.accuracy import format_table, run_accuracy_benchmark
+
+result = run_accuracy_benchmark(strategies=["full", "snapkv"], ratios=[0.8], contexts=8)
+print(format_table(result))
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpress_mm.apps.reference.model import PAD_ID
+from kvpress_mm.apps.reference.render import encode_words, pixel_values, word_ids
+from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, MAX_IMAGES, TASK_KINDS, TaskPrompt, heldout_prompts
+from kvpress_mm.compressor import Compressor
+from kvpress_mm.strategies import BUILTIN_STRATEGIES
+
+PROG = "kvpress-mm bench accuracy"
+
+#: Strategies run when none are named (``full`` is the reference, run once at ratio 0).
+DEFAULT_STRATEGIES: tuple[str, ...] = BUILTIN_STRATEGIES
+# how results name the reference model shipped in the package
+SHIPPED_CHECKPOINT = "kvpress_mm/apps/reference/checkpoint (shipped)"
+#: Compression ratios run when none are given.
+DEFAULT_RATIOS: tuple[float, ...] = (0.5, 0.8, 0.9)
+#: Images per prompt of the held-out sets when none are given.
+DEFAULT_IMAGES: tuple[int, ...] = (8, 12)
+#: Contexts per image count (each gives one prompt per task kind).
+DEFAULT_CONTEXTS = 64
+#: Config overrides for the short prompts of this benchmark (about 60 to 115 tokens with 8 to 12
+#: images): SnapKV's default 32-query observation window would be a third of the prompt or more,
+#: and at ratio >= 0.8 more than its whole budget, turning it into "keep the most recent entries".
+DEFAULT_STRATEGY_CONFIGS: dict[str, dict[str, Any]] = {"snapkv": {"window_size": 8}}
+MODES = ("question", "last-token")
+
+
+@dataclass(frozen=True)
+class AccuracyCell:
+    """Accuracy of one strategy at one ratio on one task kind and image count.
+
+    Attributes:
+        strategy: registered strategy name.
+        compression_ratio: fraction of the prefilled cache removed (0 for ``full``).
+        n_images: images per prompt.
+        kind: task kind.
+        correct: prompts answered right.
+        total: prompts asked.
+        kept_fraction: mean fraction of the prefilled entries kept (per layer and KV head).
+
+    """
+
+    strategy: str
+    compression_ratio: float
+    n_images: int
+    kind: str
+    correct: int
+    total: int
+    kept_fraction: float
+
+    @property
+    def accuracy(self) -> float:
+        """``correct / total``."""
+        return self.correct / self.total if self.total else float("nan")
+
+
+@dataclass
+class AccuracyResult:
+    """Everything a benchmark run measured, plus what it ran on."""
+
+    cells: list[AccuracyCell] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def accuracy(self, strategy: str, ratio: float, kind: str, n_images: int | None = None) -> float:
+        """Accuracy of ``strategy`` at ``ratio`` on ``kind``, pooled over image counts unless one is given."""
+        cells = [
+            c
+            for c in self.cells
+            if c.strategy == strategy
+            and c.compression_ratio == ratio
+            and c.kind == kind
+            and (n_images is None or c.n_images == n_images)
+        ]
+        total = sum(c.total for c in cells)
+        return sum(c.correct for c in cells) / total if total else float("nan")
+
+    def arms(self) -> list[tuple[str, float]]:
+        """The (strategy, ratio) pairs measured, in run order."""
+        seen: dict[tuple[str, float], None] = {}
+        for c in self.cells:
+            seen.setdefault((c.strategy, c.compression_ratio), None)
+        return list(seen)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict: settings, seconds, and one record per cell (with its accuracy)."""
+        return {
+            "settings": self.settings,
+            "seconds": round(self.seconds, 2),
+            "cells": [{**asdict(c), "accuracy": round(c.accuracy, 4)} for c in self.cells],
+        }
+
+
+def split_prompt(prompt: TaskPrompt, mode: str) -> tuple[list[str], list[str]]:
+    """The words prefilled under compression and the words run afterwards on the compressed cache."""
+    if mode == "question":
+        return list(prompt.context.words), list(prompt.question.words)
+    if mode == "last-token":
+        return list(prompt.words[:-1]), list(prompt.words[-1:])
+    raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
+
+
+@torch.no_grad()
+def answer_logits(
+    model: Any,
+    compressor: Compressor,
+    prompts: Sequence[TaskPrompt],
+    mode: str = "question",
+) -> tuple[torch.Tensor, float]:
+    """Next-token logits ``[B, vocab]`` after each prompt with a compressed cache, and the mean kept fraction.
+
+    The prompts must share one task kind (their tails have the same length). The heads are
+    left-padded and prefilled in one call under ``compressor``, with positions counted over each
+    row's real tokens (as ``generate`` counts them); the tails then run in one call on the
+    compressed cache with the whole conversation's attention mask and each row's next positions.
+    """
+    heads, tails = zip(*(split_prompt(p, mode) for p in prompts))
+    if len({len(t) for t in tails}) != 1:
+        raise ValueError("the prompts of one batch must have tails of one length (one task kind)")
+    head_ids = [encode_words(h) for h in heads]
+    ids = word_ids()
+    tail_ids = torch.tensor([[ids[w] for w in t] for t in tails])  # [B, T]
+    width = max(len(h) for h in head_ids)
+    input_ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, h in enumerate(head_ids):
+        input_ids[i, width - len(h) :] = torch.tensor(h)
+        mask[i, width - len(h) :] = 1
+    images = pixel_values([g for p in prompts for g in p.images])
+    # positions count real tokens only (as generate does): a left-padded row starts at 0, so its
+    # tail continues where its own head ends (without them, the head's positions would be shifted
+    # by the row's padding and the tail's would not: RoPE distances across the split would be wrong)
+    head_positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    with compressor(model) as session:
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=head_positions.to(device),
+            pixel_values=images.to(device),
+            use_cache=True,
+        )
+        kept = sum(session.report.n_keep) / max(1, sum(session.report.prompt_lengths))
+        n_tail = tail_ids.shape[1]
+        full_mask = torch.cat([mask, torch.ones_like(tail_ids)], dim=1)
+        positions = mask.sum(-1, keepdim=True) + torch.arange(n_tail)[None]  # continue each row's positions
+        cache = {_cache_argument(model): _output_cache(out)}
+        logits = model(
+            input_ids=tail_ids.to(device),
+            attention_mask=full_mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            **cache,
+        ).logits[:, -1]
+    return logits.float().cpu(), kept
+
+
+def answer_batch(
+    model: Any,
+    compressor: Compressor,
+    prompts: Sequence[TaskPrompt],
+    mode: str = "question",
+) -> tuple[list[int], float]:
+    """Greedy answer token of each prompt with a compressed cache, and the mean kept fraction.
+
+    See :func:`answer_logits`: the prompts must share one task kind.
+    """
+    logits, kept = answer_logits(model, compressor, prompts, mode)
+    return logits.argmax(-1).tolist(), kept
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes a cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    """The cache a forward returned (``output.cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _describe_checkpoint(path: str | Path | None) -> str:
+    """The checkpoint for the results: the shipped one by name (no machine path), else as given."""
+    from kvpress_mm.apps.reference.model import CHECKPOINT_DIR
+
+    if path is None or Path(path).resolve() == CHECKPOINT_DIR.resolve():
+        return SHIPPED_CHECKPOINT
+    return str(path)
+
+
+def run_accuracy_benchmark(
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    n_images: Sequence[int] = DEFAULT_IMAGES,
+    contexts: int = DEFAULT_CONTEXTS,
+    mode: str = "question",
+    batch_size: int = 16,
+    strategy_configs: dict[str, dict[str, Any]] | None = None,
+    model: Any = None,
+    checkpoint: str | Path | None = None,
+    seed: int = HELDOUT_SEED,
+    progress: bool = True,
+    on_cell: Callable[[AccuracyCell], None] | None = None,
+) -> AccuracyResult:
+    """Measure accuracy per task kind x strategy x ratio on fixed held-out prompts.
+
+    Args:
+        strategies: registered strategy names; ``full`` runs once (ratio 0) as the reference.
+        ratios: compression ratios of the other strategies.
+        n_images: images per prompt; one held-out set per value.
+        contexts: contexts per image count; each gives one prompt per task kind.
+        mode: ``"question"`` (compress the context, then ask) or ``"last-token"`` (compress all
+            but the prompt's last token); see the module docstring.
+        batch_size: prompts per prefill call (rows are left-padded; 1 runs them one by one).
+        strategy_configs: extra config per strategy name, applied over
+            :data:`DEFAULT_STRATEGY_CONFIGS`.
+        model: a loaded reference model; default: loaded from ``checkpoint`` with
+            :func:`kvpress_mm.apps.reference.load_reference_model`.
+        checkpoint: the checkpoint directory to load when ``model`` is not given; default the
+            shipped one (:data:`kvpress_mm.apps.reference.CHECKPOINT_DIR`).
+        seed: seed of the held-out sets.
+        progress: show a tqdm progress bar on stderr.
+        on_cell: called with each cell as soon as it is measured.
+
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
+    if model is None:
+        from kvpress_mm.apps.reference.model import load_reference_model
+
+        model, _ = load_reference_model(checkpoint)
+        source = _describe_checkpoint(checkpoint)
+    else:
+        source = f"{type(model).__name__} (given)"
+    configs: dict[str, dict[str, Any]] = {**DEFAULT_STRATEGY_CONFIGS}
+    for name, extra in (strategy_configs or {}).items():
+        configs[name] = {**configs.get(name, {}), **extra}
+    arms: list[tuple[str, float]] = []
+    for name in strategies:
+        for r in [0.0] if name == "full" else ratios:
+            arms.append((name, float(r)))
+    compressors = {
+        arm: Compressor.from_name(arm[0], compression_ratio=arm[1], **configs.get(arm[0], {})) for arm in arms
+    }
+    sets = {n: heldout_prompts(n, contexts, seed=seed) for n in n_images}
+    ids = word_ids()
+    total = len(arms) * sum(len(s) for s in sets.values())
+    bar = _progress(total, progress)
+    result = AccuracyResult(
+        settings={
+            "model": source,
+            "strategies": [c.to_config() for c in compressors.values()],
+            "ratios": list(ratios),
+            "n_images": list(n_images),
+            "contexts": contexts,
+            "prompts_per_cell": contexts,
+            "mode": mode,
+            "batch_size": batch_size,
+            "seed": seed,
+            "kinds": list(TASK_KINDS),
+        }
+    )
+    start = time.monotonic()
+    try:
+        for arm in arms:
+            for n, prompts in sets.items():
+                for kind in TASK_KINDS:
+                    group = [p for p in prompts if p.kind == kind]
+                    correct, kept_sum = 0, 0.0
+                    for s in range(0, len(group), batch_size):
+                        chunk = group[s : s + batch_size]
+                        predicted, kept = answer_batch(model, compressors[arm], chunk, mode)
+                        correct += sum(t == ids[p.answer] for t, p in zip(predicted, chunk))
+                        kept_sum += kept * len(chunk)
+                        bar.update(len(chunk))
+                    cell = AccuracyCell(arm[0], arm[1], n, kind, correct, len(group), kept_sum / max(1, len(group)))
+                    result.cells.append(cell)
+                    if on_cell is not None:
+                        on_cell(cell)
+    finally:
+        bar.close()
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr (a no-op object when disabled)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="accuracy", unit="prompt", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def format_table(result: AccuracyResult, n_images: int | None = None) -> str:
+    """A Markdown table: one row per (strategy, ratio), one column per task kind, plus the mean.
+
+    Accuracies are pooled over the image counts unless ``n_images`` picks one.
+    """
+    kinds = [k for k in TASK_KINDS if any(c.kind == k for c in result.cells)]
+    head = "| strategy | ratio | " + " | ".join(kinds) + " | mean |"
+    lines = [head, "|" + "---|" * (len(kinds) + 3)]
+    for strategy, ratio in result.arms():
+        accs = [result.accuracy(strategy, ratio, k, n_images) for k in kinds]
+        mean = sum(accs) / len(accs)
+        lines.append(f"| {strategy} | {ratio:g} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {mean:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: AccuracyResult, path: str | Path) -> Path:
+    """Save a PNG: one panel per task kind, accuracy against compression ratio, one line per strategy.
+
+    ``full`` is drawn as a horizontal reference line. Needs matplotlib (Agg backend).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in TASK_KINDS if any(c.kind == k for c in result.cells)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), sharey=True, squeeze=False)
+    strategies = list(dict.fromkeys(s for s, _ in result.arms()))
+    counts = sorted({c.n_images for c in result.cells})
+    for ax, kind in zip(axes[0], kinds):
+        for strategy in strategies:
+            ratios = sorted({r for s, r in result.arms() if s == strategy})
+            accs = [result.accuracy(strategy, r, kind) for r in ratios]
+            if strategy == "full":
+                ax.axhline(accs[0], color="black", linestyle="--", linewidth=1, label="full")
+            else:
+                ax.plot(ratios, accs, marker="o", label=strategy)
+        ax.set_title(kind)
+        ax.set_xlabel("compression ratio")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: never over a line
+    fig.suptitle(
+        f"reference VLM, {'+'.join(map(str, counts))} images per prompt, mode {result.settings.get('mode', '?')}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+# -- command line ---------------------------------------------------------------------------
+
+EPILOG = f"""The model is the tiny reference VLM shipped in kvpress_mm/apps/reference/checkpoint/ (a LLaVA trained
+on synthetic multi-image tasks: lookup, retrieve, count, needle; see docs/reference-model.md), or
+the checkpoint --model names. Prompts are fixed held-out sets: --contexts contexts per image count,
+one question per task kind on each. "full" runs once, at ratio 0, as the reference.
+
+Modes: "question" (default) prefills and compresses the context, then asks the question on the
+compressed cache (the strategy never sees the question); "last-token" compresses all but the
+prompt's last token (the question's first words are in the compressed prompt).
+
+Writes accuracy.json, accuracy.md and accuracy.png into --output; prints the table (or the JSON).
+
+examples:
+  {PROG}                                          every strategy, ratios 0.5,0.8,0.9, 8 and 12 images
+  {PROG} --strategies snapkv,h2o --ratios 0.8     two strategies at one ratio (plus full)
+  {PROG} --images 8 --contexts 16 --quiet         a fast run
+  {PROG} --mode last-token                        compress all but the last token (question-aware)
+  {PROG} --set snapkv.window_size=16              override a strategy's config
+  {PROG} --model ./my-checkpoint --json           another reference checkpoint; JSON on stdout
+"""
+
+
+def _images_list(text: str) -> list[int]:
+    """Parse comma-separated image counts, each in ``1..MAX_IMAGES``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 8,12, got {text!r}") from None
+    if not values or not all(1 <= v <= MAX_IMAGES for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated image counts in 1..{MAX_IMAGES}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _strategy_setting(text: str) -> tuple[str, str, Any]:
+    """Parse ``STRATEGY.FIELD=VALUE`` (the value read as JSON, else text)."""
+    try:
+        target, raw = text.split("=", 1)
+        strategy, key = target.split(".", 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected STRATEGY.FIELD=VALUE, e.g. snapkv.window_size=16, got {text!r}"
+        ) from None
+    if not strategy.strip() or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected STRATEGY.FIELD=VALUE, e.g. snapkv.window_size=16, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return strategy.strip(), key.strip(), value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options to ``parser`` (``kvpress-mm bench accuracy``)."""
+    from kvpress_mm.apps.cli import _name_list, _positive_int, _ratio_list
+
+    parser.add_argument(
+        "--strategies",
+        type=_name_list,
+        default=None,
+        metavar="NAMES",
+        help="comma-separated strategy names, or 'all' for every registered one (default: every built-in; "
+        "full is always run, as the reference)",
+    )
+    parser.add_argument(
+        "--ratios",
+        type=_ratio_list,
+        default=None,
+        metavar="R1,R2",
+        help="compression ratios (default: " + ",".join(f"{r:g}" for r in DEFAULT_RATIOS) + ")",
+    )
+    parser.add_argument(
+        "--images",
+        type=_images_list,
+        default=None,
+        metavar="N1,N2",
+        help="images per prompt, one held-out set per value (default: " + ",".join(map(str, DEFAULT_IMAGES)) + ")",
+    )
+    parser.add_argument(
+        "--contexts",
+        type=_positive_int,
+        default=DEFAULT_CONTEXTS,
+        help=f"held-out contexts per image count, one prompt per task kind each (default: {DEFAULT_CONTEXTS})",
+    )
+    parser.add_argument("--mode", choices=MODES, default="question", help="what is compressed (default: question)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per prefill call (default: 16)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=_strategy_setting,
+        action="append",
+        default=[],
+        metavar="STRATEGY.FIELD=VALUE",
+        help="a strategy config option (repeatable), values read as JSON, else text (default: "
+        + ", ".join(f"{s}.{k}={v}" for s, c in DEFAULT_STRATEGY_CONFIGS.items() for k, v in c.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="a reference checkpoint directory (default: the one shipped in the package)",
+    )
+    parser.add_argument(
+        "--output",
+        default="accuracy-results",
+        metavar="DIR",
+        help="where accuracy.json, accuracy.md and accuracy.png go (default: accuracy-results)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw accuracy.png")
+    parser.add_argument("--json", action="store_true", help="print the JSON result on stdout instead of the table")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages or bars (errors still print)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (default: 1; a model this small runs fastest on one)",
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark as parsed by :func:`add_arguments`: write the files, print the table (or JSON)."""
+    from kvpress_mm.apps.reference.model import has_task_vocabulary, load_reference_model, require_checkpoint
+    from kvpress_mm.registry import list_strategies
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(DEFAULT_STRATEGIES) if args.strategies is None else list(args.strategies)
+    if "all" in names:
+        names = list_strategies()
+    names = ["full", *(n for n in names if n != "full")]  # the reference runs first
+    ratios = args.ratios or list(DEFAULT_RATIOS)
+    configs: dict[str, dict[str, Any]] = {}
+    for strategy, key, value in args.settings:
+        configs.setdefault(strategy, {})[key] = value
+    unknown = sorted(set(configs) - set(names))
+    if unknown:
+        from kvpress_mm.errors import UsageError
+
+        raise UsageError(f"--set names strategy '{unknown[0]}', which this run does not include")
+    for name in names:  # fail fast on unknown names and invalid configs, before loading anything
+        overrides = {**DEFAULT_STRATEGY_CONFIGS.get(name, {}), **configs.get(name, {})}
+        Compressor.from_name(name, compression_ratio=0.0 if name == "full" else ratios[0], **overrides)
+    from kvpress_mm.apps.cli import _reference_dir
+
+    directory = Path(_reference_dir(args.model)) if args.model else require_checkpoint()
+    model, processor = load_reference_model(directory)
+    if not has_task_vocabulary(processor.tokenizer):
+        from kvpress_mm.errors import UsageError
+
+        raise UsageError(f"the tokenizer in '{directory}' is not the reference model's: not a reference checkpoint")
+    result = run_accuracy_benchmark(
+        strategies=names,
+        ratios=ratios,
+        n_images=args.images or list(DEFAULT_IMAGES),
+        contexts=args.contexts,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        strategy_configs=configs,
+        model=model,
+        progress=not args.quiet,
+    )
+    result.settings["model"] = _describe_checkpoint(directory)
+    tables = render_markdown(result)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(result.to_json(), indent=1)
+    (output / "accuracy.json").write_text(data + "\n", encoding="utf-8")
+    (output / "accuracy.md").write_text(tables + "\n", encoding="utf-8")
+    written = [str(output / "accuracy.json"), str(output / "accuracy.md")]
+    if not args.no_plot:
+        written.append(str(plot(result, output / "accuracy.png")))
+    if args.json:
+        print(data)
+        return 0
+    print(tables)
+    if not args.quiet:
+        print(f"\n{result.seconds:.0f} s; wrote {', '.join(written)}")
+    return 0
+
+
+def render_markdown(result: AccuracyResult) -> str:
+    """The pooled table, then one table per image count, with a line on what was run."""
+    counts = sorted({c.n_images for c in result.cells})
+    parts = [
+        f"Accuracy on held-out prompts ({result.settings.get('contexts')} per task kind and image count, "
+        f"mode {result.settings.get('mode')}), images {'+'.join(map(str, counts))} pooled:",
+        "",
+        format_table(result),
+    ]
+    if len(counts) > 1:
+        for n in counts:
+            parts += ["", f"{n} images:", "", format_table(result, n)]
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kvpress_mm.apps.bench.accuracy [options]``: the same as ``kvpress-mm bench accuracy [options]``."""
+    from kvpress_mm.apps.cli import main as cli_main
+
+    return cli_main(["bench", "accuracy", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure tensor code: what a strategy works with and the kernels it calls. Imports nothing from transformers."""

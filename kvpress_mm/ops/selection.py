@@ -1,0 +1,122 @@
+"""Turning scores into kept sets: budgets, windows, padding and LOOK-M's text prior.
+
+Everything here works row by row on the real (non-padding) positions, so a strategy never
+has to think about padding or about rows with different budgets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvpress_mm.errors import InvalidPlanError
+from kvpress_mm.modality import Modality
+from kvpress_mm.ops.budget import clamp_window
+from kvpress_mm.ops.plan import CompressionPlan, stack_rows
+from kvpress_mm.ops.views import LayerView
+
+
+def per_row(value: int | Sequence[int], batch: int) -> list[int]:
+    """An int for every row, from one int or a per-row sequence."""
+    if isinstance(value, int):
+        return [value] * batch
+    return [int(v) for v in value]
+
+
+def check_scores(scores: torch.Tensor, layer: LayerView, origin: str) -> torch.Tensor:
+    """Validate a strategy's scores ``[batch, kv_heads, seq]`` and return them as float32."""
+    expected = (layer.batch_size, layer.kv_heads, layer.seq_len)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise InvalidPlanError(
+            f"{origin}.score() must return a float tensor of shape [batch, kv_heads, seq] = "
+            f"{list(expected)}, got {shape}"
+        )
+    scores = scores.float()
+    real = layer.key_valid[:, None, :].expand_as(scores)
+    if torch.isnan(scores[real]).any():
+        raise InvalidPlanError(f"{origin}.score() returned NaN scores for real (non-padding) entries")
+    return scores
+
+
+def _topk_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[H, k]`` of the ``k`` largest entries of each row of ``values``, ascending."""
+    if k <= 0:
+        return torch.empty(values.shape[0], 0, dtype=torch.long, device=values.device)
+    return values.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def _keep_all(layer: LayerView, positions: torch.Tensor) -> torch.Tensor:
+    return positions.expand(layer.kv_heads, -1)
+
+
+def select_top_with_window(layer: LayerView, scores: torch.Tensor, window_size: int | Sequence[int]) -> CompressionPlan:
+    """Keep each row's window of most recent entries plus its highest-scoring other entries.
+
+    Args:
+        layer: the layer being compressed.
+        scores: ``[batch, kv_heads, seq]`` float, higher = keep. Padding is ignored.
+        window_size: entries of the window (per row or one for all); clamped to the budget.
+
+    """
+    windows = per_row(window_size, layer.batch_size)
+    rows = []
+    for b in range(layer.batch_size):
+        positions = layer.real_positions(b)
+        length, n_keep = int(positions.numel()), layer.n_keep[b]
+        if n_keep >= length:
+            rows.append(_keep_all(layer, positions))
+            continue
+        window = clamp_window(windows[b], n_keep)
+        row_scores = scores[b][:, positions]  # [kvH, L]
+        top = _topk_sorted(row_scores[:, : length - window], n_keep - window)
+        recent = torch.arange(length - window, length, device=positions.device).expand(layer.kv_heads, -1)
+        rows.append(positions[torch.cat([top, recent], dim=-1)])
+    kept, valid = stack_rows(rows)
+    return CompressionPlan(kept, valid)
+
+
+def select_text_first(
+    layer: LayerView,
+    scores: torch.Tensor,
+    window_size: int | Sequence[int],
+    keep_all_text: bool = False,
+) -> CompressionPlan:
+    """LOOK-M's text prior: window first, then text by score, then image/video by score.
+
+    With ``keep_all_text`` every text entry outside the window is kept even beyond the budget,
+    and image/video entries fill what is left of the budget (possibly nothing).
+    """
+    windows = per_row(window_size, layer.batch_size)
+    neg_inf = torch.tensor(float("-inf"), device=scores.device)
+    rows = []
+    for b in range(layer.batch_size):
+        positions = layer.real_positions(b)
+        length, n_keep = int(positions.numel()), layer.n_keep[b]
+        if n_keep >= length:
+            rows.append(_keep_all(layer, positions))
+            continue
+        window = clamp_window(windows[b], n_keep)
+        outside = length - window
+        budget = n_keep - window
+        row_scores = scores[b][:, positions[:outside]]  # [kvH, outside]
+        is_text = (layer.modality[b, positions[:outside]] == Modality.TEXT).expand_as(row_scores)
+        n_text = int(is_text[0].sum())
+        if n_text >= budget and not keep_all_text:
+            chosen = _topk_sorted(torch.where(is_text, row_scores, neg_inf), budget)
+        else:
+            text = is_text[0].nonzero().squeeze(-1).expand(layer.kv_heads, -1)
+            media = _topk_sorted(torch.where(is_text, neg_inf, row_scores), max(0, budget - n_text))
+            chosen = torch.cat([text, media], dim=-1).sort(dim=-1).values
+        recent = torch.arange(outside, length, device=positions.device).expand(layer.kv_heads, -1)
+        rows.append(positions[torch.cat([chosen, recent], dim=-1)])
+    kept, valid = stack_rows(rows)
+    return CompressionPlan(kept, valid)
+
+
+def keep_everything(layer: LayerView) -> CompressionPlan:
+    """A plan that keeps every real entry of every row (padding is still dropped)."""
+    rows = [_keep_all(layer, layer.real_positions(b)) for b in range(layer.batch_size)]
+    kept, valid = stack_rows(rows)
+    return CompressionPlan(kept, valid)

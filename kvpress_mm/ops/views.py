@@ -1,0 +1,173 @@
+"""What a strategy sees of one layer: tensors, the modality map, budgets and lazy statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvpress_mm.modality import Modality
+from kvpress_mm.ops.scoring import attention_column_sums, decode_attention, group_mean
+
+
+class LayerView:
+    """One decoder layer right after its prompt prefill attention.
+
+    Attributes:
+        layer_idx: index of the decoder layer.
+        keys: ``[batch, kv_heads, seq, head_dim]`` post-RoPE keys of the prompt (as cached).
+        values: ``[batch, kv_heads, seq, head_dim]``.
+        queries: ``[batch, heads, seq, head_dim]`` post-RoPE queries of the prompt.
+        scaling: the attention module's softmax scale.
+        modality: ``[batch, seq]`` int8 :class:`~kvpress_mm.Modality` codes.
+        n_keep: entries each row keeps (its own budget; rows differ when padded).
+        prompt_lengths: real (non-padding) prompt length of each row.
+        key_valid: ``[batch, seq]`` bool, False for padding positions.
+        state: a dict that lives with this layer's cache for the rest of the generation;
+            strategies that act while decoding (``h2o``) keep their statistics here.
+
+    The constructor's optional ``accumulated_attention_per_head`` (``[batch, heads, seq]``
+    float32) provides :meth:`accumulated_attention_per_head` precomputed: the session passes
+    the column sums its fused prefill attention produced for strategies that declare
+    ``needs_accumulated_attention``.
+
+    In a left-padded batch, ``seq`` is the padded length and each row's real entries are its
+    last ``prompt_lengths[b]`` positions. Attention statistics are computed on first use and
+    cached on the view, in float32, in query chunks (never a ``[heads, seq, seq]`` matrix).
+
+    Examples:
+        A score that prefers text entries, then recent ones (inside
+        :meth:`ScoredCompressor.score <kvpress_mm.ScoredCompressor.score>`):
+
+        ```python
+        from kvpress_mm import Modality
+
+        def score(self, layer):
+            recency = torch.arange(layer.seq_len, device=layer.keys.device).float()  # [seq]
+            is_text = (layer.modality == Modality.TEXT).float()  # [batch, seq]
+            scores = is_text * layer.seq_len + recency  # [batch, seq]
+            return scores[:, None, :].expand(-1, layer.kv_heads, -1)  # [batch, kv_heads, seq]
+        ```
+
+        Attention-based scores come from the view's statistics:
+        ``layer.accumulated_attention()`` (H2O's column sums, ``[batch, kv_heads, seq]``) or
+        ``layer.window_attention_per_head(32)`` (SnapKV's observation window, per query head).
+
+    """
+
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor,
+        scaling: float,
+        modality: torch.Tensor,
+        n_keep: tuple[int, ...],
+        state: dict[str, Any] | None = None,
+        accumulated_attention_per_head: torch.Tensor | None = None,
+    ) -> None:
+        self.layer_idx = layer_idx
+        self.keys = keys
+        self.values = values
+        self.queries = queries
+        self.scaling = float(scaling)
+        self.modality = modality
+        self.n_keep = n_keep
+        self.state: dict[str, Any] = {} if state is None else state
+        self.key_valid = modality != Modality.PADDING  # [B, P]
+        self.prompt_lengths = tuple(int(n) for n in self.key_valid.sum(-1).tolist())
+        self._cache: dict[Any, torch.Tensor] = {}
+        if accumulated_attention_per_head is not None:
+            # already computed with the prefill attention (the session's fused path)
+            self._cache[("accumulated", 0)] = accumulated_attention_per_head
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return int(self.keys.shape[0])
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of KV heads."""
+        return int(self.keys.shape[1])
+
+    @property
+    def seq_len(self) -> int:
+        """Padded prompt length (columns of the cache)."""
+        return int(self.keys.shape[2])
+
+    def real_positions(self, row: int) -> torch.Tensor:
+        """Positions of the row's real (non-padding) entries, ascending."""
+        return self.key_valid[row].nonzero().squeeze(-1)
+
+    def accumulated_attention_per_head(self) -> torch.Tensor:
+        """``[batch, heads, seq]`` float32: sum over all prompt queries of ``A[h, i, j]``."""
+        key = ("accumulated", 0)
+        if key not in self._cache:
+            self._cache[key] = attention_column_sums(
+                self.queries, self.keys, self.scaling, self.key_valid, self.key_valid
+            )
+        return self._cache[key]
+
+    def accumulated_attention(self) -> torch.Tensor:
+        """``[batch, kv_heads, seq]`` float32: accumulated attention averaged over each KV group."""
+        return group_mean(self.accumulated_attention_per_head(), self.kv_heads)
+
+    def window_attention_per_head(self, window_size: int) -> torch.Tensor:
+        """``[batch, heads, seq]`` float32: sum over the last ``window_size`` prompt queries."""
+        key = ("window", window_size)
+        if key not in self._cache:
+            start = max(0, self.seq_len - window_size)
+            self._cache[key] = attention_column_sums(
+                self.queries, self.keys, self.scaling, self.key_valid, self.key_valid, query_start=start
+            )
+        return self._cache[key]
+
+
+class DecodeView:
+    """One decoder layer right after a decode step's attention (for decode-time strategies).
+
+    Attributes:
+        layer_idx: index of the decoder layer.
+        keys: ``[batch, kv_heads, kv, head_dim]`` the whole cache, the new entries last.
+        values: likewise.
+        queries: ``[batch, heads, q, head_dim]`` the step's post-RoPE queries.
+        scaling: softmax scale.
+        slot_valid: ``[batch, kv]`` bool, False for filler slots.
+        visible: ``[batch, q, kv]`` bool, which keys each new query saw.
+        n_keep: each row's budget.
+        state: the layer's strategy state (see :class:`LayerView`).
+
+    """
+
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor,
+        scaling: float,
+        slot_valid: torch.Tensor,
+        visible: torch.Tensor,
+        n_keep: tuple[int, ...],
+        state: dict[str, Any],
+    ) -> None:
+        self.layer_idx = layer_idx
+        self.keys = keys
+        self.values = values
+        self.queries = queries
+        self.scaling = float(scaling)
+        self.slot_valid = slot_valid
+        self.visible = visible
+        self.n_keep = n_keep
+        self.state = state
+        self._attention: torch.Tensor | None = None
+
+    def attention(self) -> torch.Tensor:
+        """``[batch, heads, q, kv]`` float32 softmax probabilities of the step's queries."""
+        if self._attention is None:
+            self._attention = decode_attention(self.queries, self.keys, self.scaling, self.visible)
+        return self._attention

@@ -1,0 +1,278 @@
+"""The attention wrapper: how the session sees every layer's post-RoPE queries and full keys.
+
+On enter, the session switches the text decoder's attention implementation (``sdpa`` or
+``eager``) to a wrapper registered with transformers' ``AttentionInterface``
+(``kvpress_mm_sdpa`` / ``kvpress_mm_eager``). The wrapper finds the session that compresses the
+module (:data:`ACTIVE`) and hands it the call; with no session it is exactly the original. It
+receives post-RoPE queries and the full keys of every model family, so strategies never
+re-implement RoPE, multimodal RoPE or ``q_norm``.
+
+This module also decides when the session may compute a prefill attention itself (the fused
+path of strategies that need all-query column sums): only where that is exactly the model's
+function (:func:`fusable`, :func:`mask_is_causal_with_padding`).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kvpress_mm.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from kvpress_mm.session.context import CompressionSession
+
+#: Prefix of the attention implementations the session registers (``kvpress_mm_sdpa``, ``kvpress_mm_eager``).
+ATTENTION_PREFIX = "kvpress_mm_"
+#: The model attention implementations the wrapper can stand in for.
+WRAPPABLE_IMPLEMENTATIONS = ("sdpa", "eager")
+
+AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
+
+#: Keyword arguments of the attention call that change its math when set (not None / not False):
+#: with any of them, the model's own attention runs and the sums are computed lazily.
+MATH_CHANGING_KWARGS = (
+    "softcap",
+    "logit_softcapping",
+    "s_aux",
+    "sinks",
+    "position_bias",
+    "sliding_window",
+    "attention_chunk_size",
+    "head_mask",
+    "output_attentions",
+)
+
+
+class ActiveSessions:
+    """Which session compresses each attention module and each model.
+
+    Process-wide (:data:`ACTIVE`) because transformers' attention interface is: the registered
+    wrapper is one function for every model, and finds its session here. Weak keys, so an
+    entry never keeps a model alive.
+    """
+
+    def __init__(self) -> None:
+        self._by_module: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
+        self._by_model: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
+
+    def for_module(self, module: nn.Module) -> CompressionSession | None:
+        """The session compressing ``module``'s layer, if any."""
+        return self._by_module.get(module)
+
+    def for_model(self, model: nn.Module) -> CompressionSession | None:
+        """The session active on ``model``, if any."""
+        return self._by_model.get(model)
+
+    def activate(self, session: CompressionSession, model: nn.Module, modules: list[nn.Module]) -> None:
+        """Route ``modules``' attention calls to ``session``."""
+        for module in modules:
+            self._by_module[module] = session
+        self._by_model[model] = session
+
+    def deactivate(self, session: CompressionSession, model: nn.Module, modules: list[nn.Module]) -> None:
+        """Forget ``session``'s routes (the entries of another session are left alone)."""
+        for module in modules:
+            if self._by_module.get(module) is session:
+                del self._by_module[module]
+        if self._by_model.get(model) is session:
+            del self._by_model[model]
+
+
+#: The process-wide routes from attention modules and models to their sessions.
+ACTIVE = ActiveSessions()
+
+
+def original_attention(module: nn.Module, wrapped: str) -> AttentionFunction:
+    """The implementation our wrapper stands in for."""
+    if wrapped == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no eager_attention_forward in its modeling file; use sdpa attention"
+        )
+    return eager
+
+
+def _make_attention_function(wrapped: str) -> AttentionFunction:
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        original = original_attention(module, wrapped)
+        session = ACTIVE.for_module(module)
+        if session is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        return session.attend(module, query, key, value, attention_mask, original, wrapped, **kwargs)
+
+    attention.__name__ = f"{ATTENTION_PREFIX}{wrapped}_attention"
+    return attention
+
+
+def register_attention_functions() -> None:
+    """Register the wrappers with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    for wrapped, mask_function in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        # registering again replaces an equivalent function: harmless, and no flag to keep
+        AttentionInterface.register(ATTENTION_PREFIX + wrapped, _make_attention_function(wrapped))
+        # without a mask function of the same name, transformers would build no mask at all
+        AttentionMaskInterface.register(ATTENTION_PREFIX + wrapped, mask_function)
+
+
+def fusable(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    modality: torch.Tensor,
+    wrapped: str,
+    kwargs: Mapping[str, Any],
+) -> bool:
+    """True when :func:`~kvpress_mm.ops.scoring.attention_with_column_sums` computes what the original would.
+
+    That is plain scaled causal softmax attention over the whole prompt: inference (no
+    dropout, no gradient), an explicit ``scaling``, none of :data:`MATH_CHANGING_KWARGS`,
+    no attention weights asked for, shapes of a prefill on an empty cache, and for ``eager``
+    the standard ``eager_attention_forward`` (the mask is checked separately).
+    """
+    if module.training or float(kwargs.get("dropout") or 0.0) != 0.0:
+        return False
+    if kwargs.get("scaling") is None:
+        return False
+    for name in MATH_CHANGING_KWARGS:
+        setting = kwargs.get(name)
+        if setting is not None and setting is not False:
+            return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or not query.is_floating_point():
+        return False
+    b, hq, p, d = query.shape
+    kvh = int(key.shape[1])
+    if tuple(key.shape) != (b, kvh, p, d) or tuple(value.shape[:3]) != (b, kvh, p) or kvh == 0 or hq % kvh:
+        return False
+    if tuple(modality.shape) != (b, p):
+        return False
+    if wrapped == "eager":
+        return is_standard_eager(module) and not attention_weights_requested(module)
+    return True
+
+
+def is_standard_eager(module: nn.Module) -> bool:
+    """The module's ``eager_attention_forward`` is transformers' plain one (Llama's, copied by most families)."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        return False
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+    if eager is llama_eager:
+        return True
+    mine, standard = getattr(eager, "__code__", None), llama_eager.__code__
+    return mine is not None and all(
+        getattr(mine, attr) == getattr(standard, attr)
+        for attr in ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount", "co_kwonlyargcount")
+    )
+
+
+def attention_weights_requested(module: nn.Module) -> bool:
+    """True when the model call records attention weights (``output_attentions``): eager must return them."""
+    if getattr(getattr(module, "config", None), "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - another transformers layout: assume they may be
+        return True
+    try:
+        collected = _active_collector.get()
+    except LookupError:
+        return False
+    # "attentions" for self-attention; any other attention output a model may record, to be safe
+    return isinstance(collected, Mapping) and any("attention" in str(name) for name in collected)
+
+
+def mask_is_causal_with_padding(mask: torch.Tensor, key_valid: torch.Tensor, wrapped: str) -> bool:
+    """``mask`` (``[B or 1, 1, P, P]``) is exactly causal and hides exactly the padding keys.
+
+    sdpa masks are bool (True = visible); eager masks are additive, 0 where visible and the
+    dtype's minimum elsewhere, as transformers' ``eager_mask`` builds them.
+    """
+    b, p = key_valid.shape
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) or tuple(mask.shape[-2:]) != (p, p):
+        return False
+    if wrapped == "sdpa":
+        if mask.dtype != torch.bool:
+            return False
+        blocked = None
+    else:
+        if not mask.is_floating_point():
+            return False
+        blocked = torch.finfo(mask.dtype).min
+    key_valid = key_valid.to(mask.device)
+    columns = torch.arange(p, device=mask.device)
+    step = max(1, 2**22 // (b * p))  # rows per block: a few MiB of temporaries
+    for start in range(0, p, step):
+        end = min(p, start + step)
+        visible = (columns[None, :] <= columns[start:end, None])[None] & key_valid[:, None, :]  # [B, rows, P]
+        block = mask[:, 0, start:end].expand(b, -1, -1)
+        if blocked is None:
+            same = bool(torch.equal(block, visible))
+        else:
+            same = bool(torch.where(visible, block == 0, block == blocked).all())
+        if not same:
+            return False
+    return True
+
+
+class MaskChecks:
+    """Whether the attention masks of the current model call are plain causal + padding masks.
+
+    transformers passes the same mask tensor to every layer of a call, so each is checked once
+    (:func:`mask_is_causal_with_padding`, row block by row block so that the check allocates no
+    ``[B, P, P]`` temporary) and the verdict is remembered until :meth:`clear`.
+    """
+
+    def __init__(self) -> None:
+        self._verdicts: list[tuple[weakref.ref[torch.Tensor], bool]] = []
+
+    def clear(self) -> None:
+        """Forget the verdicts (a new model call starts)."""
+        self._verdicts.clear()
+
+    def plain_causal(
+        self,
+        module: nn.Module,
+        attention_mask: torch.Tensor | None,
+        key_valid: torch.Tensor,
+        wrapped: str,
+        kwargs: Mapping[str, Any],
+    ) -> bool:
+        """True when the original attention would mask exactly causal + the call's padding."""
+        padded = not bool(key_valid.all())
+        length = int(key_valid.shape[-1])
+        if attention_mask is None:
+            if wrapped == "eager":  # eager applies no causal mask of its own
+                return length == 1 and not padded
+            is_causal = kwargs.get("is_causal")
+            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+            # sdpa_attention_forward: is_causal=True when there is no mask (and more than one query)
+            return not padded and (bool(is_causal) or length == 1)
+        for checked, verdict in self._verdicts:
+            if checked() is attention_mask:
+                return verdict
+        verdict = mask_is_causal_with_padding(attention_mask, key_valid, wrapped)
+        self._verdicts.append((weakref.ref(attention_mask), verdict))
+        return verdict

@@ -1,0 +1,342 @@
+"""The compressor session: hooks in on enter, out on exit; applies plans; keeps the report.
+
+On enter, the text decoder's attention is routed through the session's wrapper
+(:mod:`kvpress_mm.session.attention`) and three kinds of hooks are installed:
+
+- a forward pre-hook on the model describes each call (:mod:`kvpress_mm.session.calls`): the
+  modality map and budgets at prefill, which new tokens are real, and checks that a call on a
+  compressed cache is well-formed;
+- a forward pre-hook on each attention module records the cache object in use;
+- a forward hook on each attention module applies the layer's pending plan to the cache,
+  right after the layer's attention has used the full prompt (:mod:`kvpress_mm.session.prefill`)
+  or after a decode step's eviction (:mod:`kvpress_mm.session.decode`).
+
+What the session keeps per compressed cache lives on the cache (:mod:`kvpress_mm.session.state`).
+On exit, also when generation raised, everything is removed and the model is as it was found.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from kvpress_mm.adapters.base import ModelAdapter
+from kvpress_mm.cache.growing import grow_in_place
+from kvpress_mm.cache.surgery import apply_plan, check_cache_layers, kv_bytes
+from kvpress_mm.errors import CompressorAlreadyActiveError, UnsupportedModelError
+from kvpress_mm.modality import Modality
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.views import DecodeView, LayerView
+from kvpress_mm.registry import find_adapter
+from kvpress_mm.session.attention import (
+    ACTIVE,
+    ATTENTION_PREFIX,
+    WRAPPABLE_IMPLEMENTATIONS,
+    AttentionFunction,
+    MaskChecks,
+    register_attention_functions,
+)
+from kvpress_mm.session.calls import (
+    CallInfo,
+    call_tokens,
+    continuation_call,
+    prefill_call,
+    refuse_chunked_prefill,
+)
+from kvpress_mm.session.decode import attend_compressed
+from kvpress_mm.session.prefill import fused_prefill_attention, plan_layer
+from kvpress_mm.session.state import LayerState, state_of
+
+
+class Strategy(Protocol):
+    """What a session needs of a strategy (every :class:`~kvpress_mm.Compressor` is one)."""
+
+    compression_ratio: float
+
+    @property
+    def is_noop(self) -> bool:
+        """True when the strategy never changes the cache."""
+
+    @property
+    def acts_while_decoding(self) -> bool:
+        """True when :meth:`decode_plan` may change the cache."""
+
+    def plan(self, layer: LayerView) -> CompressionPlan:
+        """The layer's plan after its prefill."""
+
+    def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
+        """An eviction after a decode step, or ``None``."""
+
+
+@dataclass
+class CompressionReport:
+    """What the last prefill compression did (summed over layers).
+
+    A new report replaces the previous one at every prefill (a model call on an empty cache)
+    made inside the session; calls that continue a cache leave it as it is.
+
+    Attributes:
+        layers_compressed: decoder layers whose cache was compressed.
+        layers_skipped: decoder layers left uncompressed (sliding-window layers).
+        kv_bytes_before: bytes of the compressed layers' keys and values right after the
+            prefill, before compression.
+        kv_bytes_after: the same layers' bytes right after compression.
+        prompt_lengths: real (non-padding) prompt tokens of each row of the batch.
+        n_keep: cache entries each row keeps per layer and KV head (its budget).
+
+    """
+
+    layers_compressed: int = 0
+    layers_skipped: int = 0
+    kv_bytes_before: int = 0
+    kv_bytes_after: int = 0
+    prompt_lengths: tuple[int, ...] = ()
+    n_keep: tuple[int, ...] = ()
+
+    @property
+    def ratio_kept(self) -> float:
+        """``kv_bytes_after / kv_bytes_before`` (1.0 before any compression)."""
+        return self.kv_bytes_after / self.kv_bytes_before if self.kv_bytes_before else 1.0
+
+
+class CompressionSession:
+    """A model under compression: a context manager returned by ``compressor(model)``.
+
+    ```python
+    with compressor(model) as session:
+        out = model.generate(**inputs, max_new_tokens=32)
+    print(session.report.kv_bytes_before, session.report.kv_bytes_after)
+    ```
+
+    With ``growing_cache`` (the default), each layer compressed at prefill is moved into a
+    :class:`~kvpress_mm.cache.growing.GrowingLayer` whose storage is exactly the kept entries; the
+    first decode step reallocates once with a little headroom, and later steps append in place
+    instead of copying the whole cache (``DynamicLayer``'s ``torch.cat``); ``False`` keeps
+    transformers' ``DynamicLayer``. Outputs are identical.
+    """
+
+    #: Compute the prefill attention of strategies that need the all-query column sums with our
+    #: chunked attention (output and sums from one softmax). Tests turn it off to compare with
+    #: the lazy path (the model's attention, then a second pass for the sums).
+    fused_prefill: ClassVar[bool] = True
+
+    def __init__(self, compressor: Strategy, model: nn.Module, *, growing_cache: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"compressor(model) needs a transformers model (torch.nn.Module), got {type(model).__name__}"
+            )
+        self.compressor = compressor
+        self.model = model
+        self.report = CompressionReport()
+        self._adapter: ModelAdapter | None = None
+        self._original_implementation: str | None = None
+        self._modules: list[nn.Module] = []
+        self._handles: list[Any] = []
+        self._undo: list[Callable[[], None]] = []  # removes the adapter's instrumentation
+        self._call: CallInfo | None = None
+        self._cache: Any = None
+        self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
+        self._warned_sliding = False
+        self._masks = MaskChecks()
+        # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
+        self._growing_cache = growing_cache
+
+    # -- entering and leaving -------------------------------------------------------------
+
+    def __enter__(self) -> CompressionSession:
+        if ACTIVE.for_model(self.model) is not None:
+            raise CompressorAlreadyActiveError(
+                f"a kvpress-mm compressor is already active on this {type(self.model).__name__}; "
+                "leave its `with` block before entering another"
+            )
+        adapter = find_adapter(self.model)
+        original = adapter.attention_implementation(self.model)
+        if original not in WRAPPABLE_IMPLEMENTATIONS:
+            raise UnsupportedModelError(
+                f"attention implementation {original!r} is not supported under compression; "
+                "load the model with attn_implementation='sdpa' (default) or 'eager', "
+                "or call model.set_attn_implementation('sdpa')"
+            )
+        self._adapter = adapter
+        try:
+            self._modules = adapter.attention_modules(self.model)
+            register_attention_functions()
+            adapter.set_attention_implementation(self.model, ATTENTION_PREFIX + original)
+            self._original_implementation = original
+            self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            if not self.compressor.is_noop:
+                for instrument in (adapter.instrument, refuse_chunked_prefill):
+                    undo = instrument(self.model)
+                    if undo is not None:
+                        self._undo.append(undo)
+            for module in self._modules:
+                self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+            ACTIVE.activate(self, self.model, self._modules)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """Put the model back exactly as it was found."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        while self._undo:
+            self._undo.pop()()
+        ACTIVE.deactivate(self, self.model, self._modules)
+        if self._original_implementation is not None and self._adapter is not None:
+            self._adapter.set_attention_implementation(self.model, self._original_implementation)
+            self._original_implementation = None
+        self._call = None
+        self._cache = None
+        self._pending.clear()
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _before_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        assert self._adapter is not None
+        self._pending.clear()  # plans of a call that raised must never reach the next one
+        self._masks.clear()
+        tokens, inputs = call_tokens(args, kwargs)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        state = state_of(cache)
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if state is None and past == 0:
+            if self.compressor.is_noop:  # exactly transformers' behaviour, whatever the inputs
+                self._call = None
+                self.report = _uncompressed_report(tokens, kwargs.get("attention_mask"))
+                return
+            if cache is not None:
+                check_cache_layers(cache)  # before input checks that a static cache's 4-D mask would trip
+            self._call = prefill_call(self._adapter, self.model, inputs, tokens, self.compressor.compression_ratio)
+            assert self._call.modality is not None
+            lengths = (self._call.modality != Modality.PADDING).sum(-1).tolist()
+            self.report = CompressionReport(prompt_lengths=tuple(int(n) for n in lengths), n_keep=self._call.n_keep)
+            return
+        if state is None:  # a cache filled without compression: plain transformers behaviour
+            self._call = CallInfo(
+                False, int(tokens.shape[1]), torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            )
+            return
+        self._call = continuation_call(self._adapter, self.model, inputs, tokens, state)
+
+    def _before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
+
+    def _after_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
+        pending = self._pending.pop(layer_idx, None)
+        state = state_of(self._cache)
+        if pending is None or state is None:
+            return
+        plan, layer_state, prefill = pending
+        layer = self._cache.layers[layer_idx]
+        before = kv_bytes(layer)
+        if plan is not None:
+            apply_plan(layer, plan)
+            layer_state.set_slots(plan.slot_valid)
+            if prefill and self._growing_cache:
+                grow_in_place(layer)
+        state.layers[layer_idx] = layer_state
+        if prefill:
+            self.report.layers_compressed += 1
+            self.report.kv_bytes_before += before
+            self.report.kv_bytes_after += kv_bytes(layer)
+
+    # -- the attention wrapper ------------------------------------------------------------
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        original: AttentionFunction,
+        wrapped: str,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """Attention for one layer: the original at prefill (then plan), our own mask afterwards."""
+        call, cache = self._call, self._cache
+        if call is None or cache is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
+        if call.prefill:
+            if self.compressor.is_noop:
+                return original(module, query, key, value, attention_mask, **kwargs)
+            fused = None
+            if self.fused_prefill:
+                fused = fused_prefill_attention(
+                    self.compressor, call, cache, module, layer_idx, query, key, value, attention_mask, wrapped,
+                    kwargs, self._masks,
+                )  # fmt: skip
+            if fused is None:
+                output = original(module, query, key, value, attention_mask, **kwargs)
+                self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs)
+                return output
+            output, sums = fused
+            self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs, accumulated=sums)
+            return output
+        state = state_of(cache)
+        layer_state = state.layers.get(layer_idx) if state is not None else None
+        if layer_state is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        output, plan = attend_compressed(
+            self.compressor, call, layer_state, module, layer_idx, query, key, value, original, wrapped, kwargs,
+            self.compressor.acts_while_decoding,
+        )  # fmt: skip
+        self._pending[layer_idx] = (plan, layer_state, False)
+        return output
+
+    def _plan_prefill(
+        self,
+        module: nn.Module,
+        layer_idx: int,
+        cache: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kwargs: dict[str, Any],
+        accumulated: torch.Tensor | None = None,
+    ) -> None:
+        assert self._call is not None
+        if getattr(cache.layers[layer_idx], "is_sliding", False) or kwargs.get("sliding_window") is not None:
+            # sliding-window layers already hold at most their window; their cache and mask
+            # logic keys on counts we would break, so they stay as transformers keeps them
+            self.report.layers_skipped += 1
+            if not self._warned_sliding:
+                warnings.warn(
+                    "kvpress-mm leaves sliding-window attention layers uncompressed (they already keep only "
+                    "their window); full-attention layers are compressed",
+                    stacklevel=2,
+                )
+                self._warned_sliding = True
+            return
+        plan, layer_state = plan_layer(
+            self.compressor, self._call, cache, module, layer_idx, query, key, value, kwargs, accumulated
+        )
+        self._pending[layer_idx] = (plan, layer_state, True)
+
+
+def _uncompressed_report(tokens: torch.Tensor, mask: Any) -> CompressionReport:
+    """The report of a prefill a no-op strategy leaves alone: every real token kept."""
+    rows, q_len = int(tokens.shape[0]), int(tokens.shape[1])
+    lengths = mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else [q_len] * rows
+    kept = tuple(int(n) for n in lengths)
+    return CompressionReport(prompt_lengths=kept, n_keep=kept)

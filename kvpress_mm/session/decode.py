@@ -1,0 +1,99 @@
+"""The decode side of a session: attention on a compressed layer, with the mask the session owns.
+
+A compressed layer's cache columns no longer line up with the 2-D ``attention_mask`` generate
+keeps, so the session builds the layer's mask from the kept slots' validity (filler slots of
+shorter rows are hidden) plus the new tokens, causally. Positions are untouched: generate
+derives them from the full 2-D mask, so decoding continues at the original absolute positions.
+Strategies that act while decoding (``h2o``) get a :class:`~kvpress_mm.DecodeView` after the
+step's attention and may return a plan that evicts entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvpress_mm.errors import InvalidInputError
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.views import DecodeView
+from kvpress_mm.session.attention import AttentionFunction
+from kvpress_mm.session.calls import CallInfo
+from kvpress_mm.session.prefill import attention_scaling
+from kvpress_mm.session.state import LayerState
+
+
+def visible_keys(layer_state: LayerState, call: CallInfo, q_len: int, device: torch.device) -> torch.Tensor:
+    """``[B, q, cached + q]`` bool: the layer's valid slots, then the new tokens causally."""
+    cached_valid = layer_state.cached_valid(call.batch_size, device)
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+    new_valid = call.new_valid.to(device)
+    return torch.cat([cached_valid[:, None, :].expand(-1, q_len, -1), causal[None] & new_valid[:, None, :]], dim=-1)
+
+
+def attend_compressed(
+    strategy: Any,
+    call: CallInfo,
+    layer_state: LayerState,
+    module: nn.Module,
+    layer_idx: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    original: AttentionFunction,
+    wrapped: str,
+    kwargs: dict[str, Any],
+    decodes: bool,
+) -> tuple[tuple[torch.Tensor, Any], CompressionPlan | None]:
+    """The step's attention over a compressed layer, and the strategy's decode plan (``decodes`` only).
+
+    ``layer_state`` is advanced past the step's new entries.
+
+    Raises:
+        InvalidInputError: the layer holds another number of entries than the session expects
+            (the cache was edited outside the compressor).
+
+    """
+    q_len = query.shape[2]
+    cached = key.shape[2] - q_len
+    if cached != layer_state.length:
+        raise InvalidInputError(
+            f"layer {layer_idx}'s compressed cache holds {cached} entries but kvpress-mm expected "
+            f"{layer_state.length}: the cache was changed outside the compressor (crop, reorder, beam search?)"
+        )
+    visible: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    if not (q_len == 1 and layer_state.slot_valid is None and call.new_all_valid):
+        visible = visible_keys(layer_state, call, q_len, key.device)
+        if wrapped == "sdpa":
+            mask = visible[:, None]
+        else:
+            mask = torch.zeros(visible.shape, dtype=query.dtype, device=key.device)
+            mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)[:, None]
+    output = original(module, query, key, value, mask, **kwargs)
+    if layer_state.slot_valid is None and call.new_all_valid:
+        slot_valid = None
+    else:
+        slot_valid = torch.cat(
+            [layer_state.cached_valid(call.batch_size, key.device), call.new_valid.to(key.device)], dim=-1
+        )
+    plan = None
+    if decodes:
+        if visible is None:
+            visible = visible_keys(layer_state, call, q_len, key.device)
+        view = DecodeView(
+            layer_idx=layer_idx,
+            keys=key,
+            values=value,
+            queries=query,
+            scaling=attention_scaling(module, query, kwargs),
+            slot_valid=slot_valid if slot_valid is not None else visible[:, -1],
+            visible=visible,
+            n_keep=layer_state.n_keep,
+            state=layer_state.strategy_state,
+        )
+        plan = strategy.decode_plan(view)
+    layer_state.length = cached + q_len
+    layer_state.slot_valid = slot_valid
+    return output, plan

@@ -1,0 +1,141 @@
+"""The prefill side of a session: a layer's plan right after its prompt attention.
+
+For strategies that declare ``needs_accumulated_attention`` (``h2o``, LOOK-M) the session
+computes the prefill attention itself where that is exactly the model's function
+(:func:`fused_prefill_attention`): :func:`~kvpress_mm.ops.scoring.attention_with_column_sums`
+yields the output and the all-query column sums from one softmax, and the sums seed the layer's
+view (no second pass). Otherwise the model's attention runs and statistics are computed lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvpress_mm.cache.surgery import compressible, unsupported_cache_layer
+from kvpress_mm.errors import InvalidInputError, InvalidPlanError
+from kvpress_mm.modality import Modality
+from kvpress_mm.ops.plan import CompressionPlan
+from kvpress_mm.ops.scoring import attention_with_column_sums
+from kvpress_mm.ops.views import LayerView
+from kvpress_mm.session.attention import MaskChecks, fusable
+from kvpress_mm.session.calls import CallInfo
+from kvpress_mm.session.state import CacheState, LayerState, attach_state, state_of
+
+
+def fused_prefill_attention(
+    strategy: Any,
+    call: CallInfo,
+    cache: Any,
+    module: nn.Module,
+    layer_idx: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    wrapped: str,
+    kwargs: dict[str, Any],
+    masks: MaskChecks,
+) -> tuple[tuple[torch.Tensor, Any], torch.Tensor] | None:
+    """The layer's prefill attention and its column sums in one pass, or ``None`` to use the original.
+
+    Taken when ``strategy`` declares ``needs_accumulated_attention`` and our chunked attention
+    computes exactly what the original would (see :func:`~kvpress_mm.session.attention.fusable`);
+    the sums then seed the layer's :class:`~kvpress_mm.LayerView`, so they are not computed a
+    second time.
+    """
+    if not getattr(type(strategy), "needs_accumulated_attention", False):
+        return None
+    modality = call.modality
+    layers = getattr(cache, "layers", None)
+    if modality is None or layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if getattr(layer, "is_sliding", False) or not compressible(layer):
+        return None  # plan_layer skips the layer or refuses the cache
+    if not fusable(module, query, key, value, modality, wrapped, kwargs):
+        return None
+    key_valid = (modality != Modality.PADDING).to(key.device)
+    if not masks.plain_causal(module, attention_mask, key_valid, wrapped, kwargs):
+        return None
+    scaling = float(kwargs["scaling"])
+    output, sums = attention_with_column_sums(query, key, value, scaling, key_valid, key_valid)
+    # what transformers' sdpa_attention_forward / eager_attention_forward return (no weights asked for)
+    return (output.transpose(1, 2).contiguous(), None), sums
+
+
+def attention_scaling(module: nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> float:
+    """The softmax scale of the attention call (the module's, else ``head_dim ** -0.5``)."""
+    return float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5))
+
+
+def plan_layer(
+    strategy: Any,
+    call: CallInfo,
+    cache: Any,
+    module: nn.Module,
+    layer_idx: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kwargs: dict[str, Any],
+    accumulated: torch.Tensor | None = None,
+) -> tuple[CompressionPlan, LayerState]:
+    """Ask ``strategy`` for the layer's plan, check it, and describe the layer it leaves.
+
+    The cache gets its :class:`~kvpress_mm.session.state.CacheState` with its first layer.
+
+    Raises:
+        UnsupportedCacheError: the cache layer cannot be compressed.
+        InvalidInputError: the layer saw another number of keys than the call has positions.
+        InvalidPlanError: the strategy broke the plan contract.
+
+    """
+    assert call.modality is not None
+    layer = cache.layers[layer_idx]
+    if not compressible(layer):
+        raise unsupported_cache_layer(layer, layer_idx)
+    if key.shape[2] != call.modality.shape[1]:
+        raise InvalidInputError(
+            f"layer {layer_idx} saw {key.shape[2]} prompt keys but the call has {call.modality.shape[1]} "
+            "positions; chunked prefill is not supported under compression"
+        )
+    if state_of(cache) is None:
+        next_positions = (call.modality != Modality.PADDING).sum(-1)
+        attach_state(cache, CacheState(call.q_len, next_positions=next_positions, prompt_record=call.prompt_record))
+    view = LayerView(
+        layer_idx=layer_idx,
+        keys=key,
+        values=value,
+        queries=query,
+        scaling=attention_scaling(module, query, kwargs),
+        modality=call.modality.to(key.device),  # layers may live on different devices
+        n_keep=call.n_keep,
+        accumulated_attention_per_head=accumulated,
+    )
+    plan = strategy.plan(view)
+    check_plan(type(strategy).__name__, plan, view)
+    return plan, LayerState(plan.n_slots, None, call.n_keep, view.state)
+
+
+def check_plan(name: str, plan: CompressionPlan, view: LayerView) -> None:
+    """Raise :class:`~kvpress_mm.errors.InvalidPlanError` unless ``plan`` fits ``view`` (strategy ``name``)."""
+    if not isinstance(plan, CompressionPlan):
+        raise InvalidPlanError(f"{name}.plan() must return a CompressionPlan, got {type(plan).__name__}")
+    b, h = view.batch_size, view.kv_heads
+    kept, valid = plan.kept_indices, plan.slot_valid
+    if kept.dim() != 3 or tuple(kept.shape[:2]) != (b, h) or tuple(valid.shape) != (b, kept.shape[2]):
+        raise InvalidPlanError(
+            f"{name}: plan shapes kept_indices {tuple(kept.shape)} / slot_valid {tuple(valid.shape)} "
+            f"do not match [batch={b}, kv_heads={h}, n_slots]"
+        )
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= view.seq_len):
+        raise InvalidPlanError(f"{name}: kept_indices out of range [0, {view.seq_len})")
+    kept_modality = view.modality.gather(1, kept.flatten(1)).view_as(kept)
+    if bool((kept_modality == Modality.PADDING)[valid[:, None, :].expand_as(kept)].any()):
+        raise InvalidPlanError(f"{name}: the plan keeps padding entries")
+    for tensor, what in ((plan.keys, "keys"), (plan.values, "values")):
+        if tensor is not None and tuple(tensor.shape) != (*kept.shape, view.keys.shape[-1]):
+            raise InvalidPlanError(f"{name}: merged {what} must have shape {(*kept.shape, view.keys.shape[-1])}")
