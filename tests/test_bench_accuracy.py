@@ -13,16 +13,14 @@ from cli_fixtures import run_cli
 
 from kvpress_mm.apps.bench.accuracy import (
     AccuracyResult,
-    answer_batch,
-    answer_logits,
     format_table,
     plot,
     render_markdown,
     run_accuracy_benchmark,
-    split_prompt,
 )
 from kvpress_mm.apps.reference import encode_prompts, heldout_prompts, load_reference_model
 from kvpress_mm.apps.reference.evaluate import accuracy_by_kind, predict
+from kvpress_mm.apps.reference.questions import answer_batch, answer_logits, split_prompt
 from kvpress_mm.apps.reference.tasks import TASK_KINDS
 from kvpress_mm.compressor import Compressor
 
@@ -229,7 +227,7 @@ def test_bench_accuracy_help_has_examples(capsys):
 
 def test_python_dash_m_runs_the_same_command():
     result = subprocess.run(
-        [sys.executable, "-m", "kvpress_mm.apps.bench.accuracy", "--images", "0"],
+        [sys.executable, "-m", "kvpress_mm", "bench", "accuracy", "--images", "0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -240,9 +238,9 @@ def test_python_dash_m_runs_the_same_command():
 
 
 def test_results_name_the_shipped_checkpoint_without_a_machine_path(tmp_path: Path) -> None:
-    from kvpress_mm.apps.bench.accuracy import SHIPPED_CHECKPOINT, _describe_checkpoint
+    from kvpress_mm.apps.bench.accuracy import SHIPPED_CHECKPOINT, describe_checkpoint
     from kvpress_mm.apps.reference.model import CHECKPOINT_DIR
 
-    assert _describe_checkpoint(None) == _describe_checkpoint(CHECKPOINT_DIR) == SHIPPED_CHECKPOINT
+    assert describe_checkpoint(None) == describe_checkpoint(CHECKPOINT_DIR) == SHIPPED_CHECKPOINT
     assert not SHIPPED_CHECKPOINT.startswith("/")
-    assert _describe_checkpoint(tmp_path) == str(tmp_path)  # a user's own checkpoint: as given
+    assert describe_checkpoint(tmp_path) == str(tmp_path)  # a user's own checkpoint: as given

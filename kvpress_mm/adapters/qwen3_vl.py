@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from kvpress_mm.adapters.qwen_vl_base import QwenVLAdapter, expand_vision_placeholders
+from kvpress_mm.adapters.qwen_vl_base import QwenVLAdapter
+from kvpress_mm.adapters.qwen_vl_prompts import expand_vision_placeholders
 from kvpress_mm.hookspecs import hookimpl
 
 __all__ = ["Qwen3VLAdapter", "expand_vision_placeholders"]

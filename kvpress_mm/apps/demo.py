@@ -8,7 +8,7 @@ by ``img k``, with text facts ``key K is V .`` and filler words between them.
 For each strategy the demo
 
 - compresses the context's cache and asks a few held-out questions about it on the compressed
-  cache (:func:`kvpress_mm.apps.bench.accuracy.answer_batch`, mode ``question``): the strategy never
+  cache (:func:`kvpress_mm.apps.reference.questions.answer_batch`, mode ``question``): the strategy never
   sees the questions, and a trained model's answers are right or wrong, so the column says
   whether compression changed them;
 - generates greedily after the context twice under compression: free-running (timed; its
@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvpress_mm.apps.bench.accuracy import answer_batch
 from kvpress_mm.apps.bench.metrics import fidelity
 from kvpress_mm.apps.generation import generate
 from kvpress_mm.apps.models import LoadedModel, default_model, image_token_count
 from kvpress_mm.apps.reference.model import has_task_vocabulary
+from kvpress_mm.apps.reference.questions import answer_batch
 from kvpress_mm.apps.reference.render import encode_context
 from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, MAX_IMAGES, TASK_KINDS, TaskGenerator, TaskPrompt
 from kvpress_mm.apps.tables import kib, render_table, wrap

@@ -17,15 +17,12 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from kvpress_mm.errors import UnsupportedModelError
-
-if TYPE_CHECKING:
-    from kvpress_mm.session.context import CompressionSession
 
 #: Prefix of the attention implementations the session registers (``kvpress_mm_sdpa``, ``kvpress_mm_eager``).
 ATTENTION_PREFIX = "kvpress_mm_"
@@ -33,6 +30,24 @@ ATTENTION_PREFIX = "kvpress_mm_"
 WRAPPABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 
 AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
+
+
+class AttentionRoute(Protocol):
+    """What the wrapper hands a layer's attention call to (a :class:`~kvpress_mm.CompressionSession`)."""
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        original: AttentionFunction,
+        wrapped: str,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """The layer's attention output (and weights), computed or wrapped by the session."""
+
 
 #: Keyword arguments of the attention call that change its math when set (not None / not False):
 #: with any of them, the model's own attention runs and the sums are computed lazily.
@@ -58,24 +73,24 @@ class ActiveSessions:
     """
 
     def __init__(self) -> None:
-        self._by_module: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
-        self._by_model: weakref.WeakKeyDictionary[nn.Module, CompressionSession] = weakref.WeakKeyDictionary()
+        self._by_module: weakref.WeakKeyDictionary[nn.Module, AttentionRoute] = weakref.WeakKeyDictionary()
+        self._by_model: weakref.WeakKeyDictionary[nn.Module, AttentionRoute] = weakref.WeakKeyDictionary()
 
-    def for_module(self, module: nn.Module) -> CompressionSession | None:
+    def for_module(self, module: nn.Module) -> AttentionRoute | None:
         """The session compressing ``module``'s layer, if any."""
         return self._by_module.get(module)
 
-    def for_model(self, model: nn.Module) -> CompressionSession | None:
+    def for_model(self, model: nn.Module) -> AttentionRoute | None:
         """The session active on ``model``, if any."""
         return self._by_model.get(model)
 
-    def activate(self, session: CompressionSession, model: nn.Module, modules: list[nn.Module]) -> None:
+    def activate(self, session: AttentionRoute, model: nn.Module, modules: list[nn.Module]) -> None:
         """Route ``modules``' attention calls to ``session``."""
         for module in modules:
             self._by_module[module] = session
         self._by_model[model] = session
 
-    def deactivate(self, session: CompressionSession, model: nn.Module, modules: list[nn.Module]) -> None:
+    def deactivate(self, session: AttentionRoute, model: nn.Module, modules: list[nn.Module]) -> None:
         """Forget ``session``'s routes (the entries of another session are left alone)."""
         for module in modules:
             if self._by_module.get(module) is session:

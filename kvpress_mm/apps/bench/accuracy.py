@@ -1,7 +1,8 @@
 """Accuracy vs compression on the reference VLM: accuracy per task kind x strategy x compression ratio.
 
 The shipped reference model (:mod:`kvpress_mm.apps.reference`) answers one-token questions about
-multi-image prompts. Each held-out prompt is split in two:
+multi-image prompts. Each held-out prompt is split in two
+(:mod:`kvpress_mm.apps.reference.questions`):
 
 - ``--mode question`` (default, question-agnostic): the *context* (images, facts, fillers) is
   prefilled under the compressor and compressed; the *question* is then run on the compressed
@@ -19,7 +20,6 @@ from the prefill forward, which attends to the full prompt before the cache is c
 kvpress-mm bench accuracy                          # every strategy, ratios 0.5,0.8,0.9, 8 and 12 images
 kvpress-mm bench accuracy --strategies snapkv,h2o --ratios 0.8 --contexts 16
 kvpress-mm bench accuracy --json > accuracy.json   # machine-readable result on stdout
-python -m kvpress_mm.apps.bench.accuracy --help         # the same command
 ```
 
 ```python
@@ -32,9 +32,6 @@ print(format_table(result))
 
 from __future__ import annotations
 
-import argparse
-import inspect
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,15 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from kvpress_mm.apps.reference.model import PAD_ID
-from kvpress_mm.apps.reference.render import encode_words, pixel_values, word_ids
-from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, MAX_IMAGES, TASK_KINDS, TaskPrompt, heldout_prompts
+from kvpress_mm.apps.reference.questions import MODES, answer_batch
+from kvpress_mm.apps.reference.render import word_ids
+from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, TASK_KINDS, heldout_prompts
 from kvpress_mm.compressor import Compressor
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
-
-PROG = "kvpress-mm bench accuracy"
 
 #: Strategies run when none are named (``full`` is the reference, run once at ratio 0).
 DEFAULT_STRATEGIES: tuple[str, ...] = BUILTIN_STRATEGIES
@@ -66,7 +59,6 @@ DEFAULT_CONTEXTS = 64
 #: images): SnapKV's default 32-query observation window would be a third of the prompt or more,
 #: and at ratio >= 0.8 more than its whole budget, turning it into "keep the most recent entries".
 DEFAULT_STRATEGY_CONFIGS: dict[str, dict[str, Any]] = {"snapkv": {"window_size": 8}}
-MODES = ("question", "last-token")
 
 
 @dataclass(frozen=True)
@@ -135,96 +127,7 @@ class AccuracyResult:
         }
 
 
-def split_prompt(prompt: TaskPrompt, mode: str) -> tuple[list[str], list[str]]:
-    """The words prefilled under compression and the words run afterwards on the compressed cache."""
-    if mode == "question":
-        return list(prompt.context.words), list(prompt.question.words)
-    if mode == "last-token":
-        return list(prompt.words[:-1]), list(prompt.words[-1:])
-    raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
-
-
-@torch.no_grad()
-def answer_logits(
-    model: Any,
-    compressor: Compressor,
-    prompts: Sequence[TaskPrompt],
-    mode: str = "question",
-) -> tuple[torch.Tensor, float]:
-    """Next-token logits ``[B, vocab]`` after each prompt with a compressed cache, and the mean kept fraction.
-
-    The prompts must share one task kind (their tails have the same length). The heads are
-    left-padded and prefilled in one call under ``compressor``, with positions counted over each
-    row's real tokens (as ``generate`` counts them); the tails then run in one call on the
-    compressed cache with the whole conversation's attention mask and each row's next positions.
-    """
-    heads, tails = zip(*(split_prompt(p, mode) for p in prompts))
-    if len({len(t) for t in tails}) != 1:
-        raise ValueError("the prompts of one batch must have tails of one length (one task kind)")
-    head_ids = [encode_words(h) for h in heads]
-    ids = word_ids()
-    tail_ids = torch.tensor([[ids[w] for w in t] for t in tails])  # [B, T]
-    width = max(len(h) for h in head_ids)
-    input_ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, h in enumerate(head_ids):
-        input_ids[i, width - len(h) :] = torch.tensor(h)
-        mask[i, width - len(h) :] = 1
-    images = pixel_values([g for p in prompts for g in p.images])
-    # positions count real tokens only (as generate does): a left-padded row starts at 0, so its
-    # tail continues where its own head ends (without them, the head's positions would be shifted
-    # by the row's padding and the tail's would not: RoPE distances across the split would be wrong)
-    head_positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    device = next(model.parameters()).device
-    with compressor(model) as session:
-        out = model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=head_positions.to(device),
-            pixel_values=images.to(device),
-            use_cache=True,
-        )
-        kept = sum(session.report.n_keep) / max(1, sum(session.report.prompt_lengths))
-        n_tail = tail_ids.shape[1]
-        full_mask = torch.cat([mask, torch.ones_like(tail_ids)], dim=1)
-        positions = mask.sum(-1, keepdim=True) + torch.arange(n_tail)[None]  # continue each row's positions
-        cache = {_cache_argument(model): _output_cache(out)}
-        logits = model(
-            input_ids=tail_ids.to(device),
-            attention_mask=full_mask.to(device),
-            position_ids=positions.to(device),
-            use_cache=True,
-            **cache,
-        ).logits[:, -1]
-    return logits.float().cpu(), kept
-
-
-def answer_batch(
-    model: Any,
-    compressor: Compressor,
-    prompts: Sequence[TaskPrompt],
-    mode: str = "question",
-) -> tuple[list[int], float]:
-    """Greedy answer token of each prompt with a compressed cache, and the mean kept fraction.
-
-    See :func:`answer_logits`: the prompts must share one task kind.
-    """
-    logits, kept = answer_logits(model, compressor, prompts, mode)
-    return logits.argmax(-1).tolist(), kept
-
-
-def _cache_argument(model: Any) -> str:
-    """The forward argument that takes a cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _output_cache(output: Any) -> Any:
-    """The cache a forward returned (``output.cache`` from transformers 5.24, ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-def _describe_checkpoint(path: str | Path | None) -> str:
+def describe_checkpoint(path: str | Path | None) -> str:
     """The checkpoint for the results: the shipped one by name (no machine path), else as given."""
     from kvpress_mm.apps.reference.model import CHECKPOINT_DIR
 
@@ -274,7 +177,7 @@ def run_accuracy_benchmark(
         from kvpress_mm.apps.reference.model import load_reference_model
 
         model, _ = load_reference_model(checkpoint)
-        source = _describe_checkpoint(checkpoint)
+        source = describe_checkpoint(checkpoint)
     else:
         source = f"{type(model).__name__} (given)"
     configs: dict[str, dict[str, Any]] = {**DEFAULT_STRATEGY_CONFIGS}
@@ -392,184 +295,6 @@ def plot(result: AccuracyResult, path: str | Path) -> Path:
 
 # -- command line ---------------------------------------------------------------------------
 
-EPILOG = f"""The model is the tiny reference VLM shipped in kvpress_mm/apps/reference/checkpoint/ (a LLaVA trained
-on synthetic multi-image tasks: lookup, retrieve, count, needle; see docs/reference-model.md), or
-the checkpoint --model names. Prompts are fixed held-out sets: --contexts contexts per image count,
-one question per task kind on each. "full" runs once, at ratio 0, as the reference.
-
-Modes: "question" (default) prefills and compresses the context, then asks the question on the
-compressed cache (the strategy never sees the question); "last-token" compresses all but the
-prompt's last token (the question's first words are in the compressed prompt).
-
-Writes accuracy.json, accuracy.md and accuracy.png into --output; prints the table (or the JSON).
-
-examples:
-  {PROG}                                          every strategy, ratios 0.5,0.8,0.9, 8 and 12 images
-  {PROG} --strategies snapkv,h2o --ratios 0.8     two strategies at one ratio (plus full)
-  {PROG} --images 8 --contexts 16 --quiet         a fast run
-  {PROG} --mode last-token                        compress all but the last token (question-aware)
-  {PROG} --set snapkv.window_size=16              override a strategy's config
-  {PROG} --model ./my-checkpoint --json           another reference checkpoint; JSON on stdout
-"""
-
-
-def _images_list(text: str) -> list[int]:
-    """Parse comma-separated image counts, each in ``1..MAX_IMAGES``."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 8,12, got {text!r}") from None
-    if not values or not all(1 <= v <= MAX_IMAGES for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated image counts in 1..{MAX_IMAGES}, got {text!r}")
-    return list(dict.fromkeys(values))
-
-
-def _strategy_setting(text: str) -> tuple[str, str, Any]:
-    """Parse ``STRATEGY.FIELD=VALUE`` (the value read as JSON, else text)."""
-    try:
-        target, raw = text.split("=", 1)
-        strategy, key = target.split(".", 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected STRATEGY.FIELD=VALUE, e.g. snapkv.window_size=16, got {text!r}"
-        ) from None
-    if not strategy.strip() or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected STRATEGY.FIELD=VALUE, e.g. snapkv.window_size=16, got {text!r}")
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return strategy.strip(), key.strip(), value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the benchmark's options to ``parser`` (``kvpress-mm bench accuracy``)."""
-    from kvpress_mm.apps.cli import _name_list, _positive_int, _ratio_list
-
-    parser.add_argument(
-        "--strategies",
-        type=_name_list,
-        default=None,
-        metavar="NAMES",
-        help="comma-separated strategy names, or 'all' for every registered one (default: every built-in; "
-        "full is always run, as the reference)",
-    )
-    parser.add_argument(
-        "--ratios",
-        type=_ratio_list,
-        default=None,
-        metavar="R1,R2",
-        help="compression ratios (default: " + ",".join(f"{r:g}" for r in DEFAULT_RATIOS) + ")",
-    )
-    parser.add_argument(
-        "--images",
-        type=_images_list,
-        default=None,
-        metavar="N1,N2",
-        help="images per prompt, one held-out set per value (default: " + ",".join(map(str, DEFAULT_IMAGES)) + ")",
-    )
-    parser.add_argument(
-        "--contexts",
-        type=_positive_int,
-        default=DEFAULT_CONTEXTS,
-        help=f"held-out contexts per image count, one prompt per task kind each (default: {DEFAULT_CONTEXTS})",
-    )
-    parser.add_argument("--mode", choices=MODES, default="question", help="what is compressed (default: question)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per prefill call (default: 16)")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        type=_strategy_setting,
-        action="append",
-        default=[],
-        metavar="STRATEGY.FIELD=VALUE",
-        help="a strategy config option (repeatable), values read as JSON, else text (default: "
-        + ", ".join(f"{s}.{k}={v}" for s, c in DEFAULT_STRATEGY_CONFIGS.items() for k, v in c.items())
-        + ")",
-    )
-    parser.add_argument(
-        "--model",
-        metavar="DIR",
-        default=None,
-        help="a reference checkpoint directory (default: the one shipped in the package)",
-    )
-    parser.add_argument(
-        "--output",
-        default="accuracy-results",
-        metavar="DIR",
-        help="where accuracy.json, accuracy.md and accuracy.png go (default: accuracy-results)",
-    )
-    parser.add_argument("--no-plot", action="store_true", help="do not draw accuracy.png")
-    parser.add_argument("--json", action="store_true", help="print the JSON result on stdout instead of the table")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages or bars (errors still print)")
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=1,
-        help="torch CPU threads (default: 1; a model this small runs fastest on one)",
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the benchmark as parsed by :func:`add_arguments`: write the files, print the table (or JSON)."""
-    from kvpress_mm.apps.reference.model import has_task_vocabulary, load_reference_model, require_checkpoint
-    from kvpress_mm.registry import list_strategies
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = list(DEFAULT_STRATEGIES) if args.strategies is None else list(args.strategies)
-    if "all" in names:
-        names = list_strategies()
-    names = ["full", *(n for n in names if n != "full")]  # the reference runs first
-    ratios = args.ratios or list(DEFAULT_RATIOS)
-    configs: dict[str, dict[str, Any]] = {}
-    for strategy, key, value in args.settings:
-        configs.setdefault(strategy, {})[key] = value
-    unknown = sorted(set(configs) - set(names))
-    if unknown:
-        from kvpress_mm.errors import UsageError
-
-        raise UsageError(f"--set names strategy '{unknown[0]}', which this run does not include")
-    for name in names:  # fail fast on unknown names and invalid configs, before loading anything
-        overrides = {**DEFAULT_STRATEGY_CONFIGS.get(name, {}), **configs.get(name, {})}
-        Compressor.from_name(name, compression_ratio=0.0 if name == "full" else ratios[0], **overrides)
-    from kvpress_mm.apps.cli import _reference_dir
-
-    directory = Path(_reference_dir(args.model)) if args.model else require_checkpoint()
-    model, processor = load_reference_model(directory)
-    if not has_task_vocabulary(processor.tokenizer):
-        from kvpress_mm.errors import UsageError
-
-        raise UsageError(f"the tokenizer in '{directory}' is not the reference model's: not a reference checkpoint")
-    result = run_accuracy_benchmark(
-        strategies=names,
-        ratios=ratios,
-        n_images=args.images or list(DEFAULT_IMAGES),
-        contexts=args.contexts,
-        mode=args.mode,
-        batch_size=args.batch_size,
-        strategy_configs=configs,
-        model=model,
-        progress=not args.quiet,
-    )
-    result.settings["model"] = _describe_checkpoint(directory)
-    tables = render_markdown(result)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(result.to_json(), indent=1)
-    (output / "accuracy.json").write_text(data + "\n", encoding="utf-8")
-    (output / "accuracy.md").write_text(tables + "\n", encoding="utf-8")
-    written = [str(output / "accuracy.json"), str(output / "accuracy.md")]
-    if not args.no_plot:
-        written.append(str(plot(result, output / "accuracy.png")))
-    if args.json:
-        print(data)
-        return 0
-    print(tables)
-    if not args.quiet:
-        print(f"\n{result.seconds:.0f} s; wrote {', '.join(written)}")
-    return 0
-
 
 def render_markdown(result: AccuracyResult) -> str:
     """The pooled table, then one table per image count, with a line on what was run."""
@@ -584,14 +309,3 @@ def render_markdown(result: AccuracyResult) -> str:
         for n in counts:
             parts += ["", f"{n} images:", "", format_table(result, n)]
     return "\n".join(parts)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvpress_mm.apps.bench.accuracy [options]``: the same as ``kvpress-mm bench accuracy [options]``."""
-    from kvpress_mm.apps.cli import main as cli_main
-
-    return cli_main(["bench", "accuracy", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,12 @@
 """A tiny reference VLM trained on synthetic multimodal tasks, shipped with the package.
 
-It gives the accuracy benchmark (``python -m kvpress_mm.apps.bench.accuracy``) a model whose answers
+It gives the accuracy benchmark (``kvpress-mm bench accuracy``) a model whose answers
 depend on the KV cache: a LLaVA (CLIP + Llama) model of about half a million parameters that
 answers one-token questions about 1 to 12 images of coloured cells and text facts.
 
 ```python
 from kvpress_mm import Compressor
-from kvpress_mm.apps.bench.accuracy import answer_batch
+from kvpress_mm.apps.reference.questions import answer_batch
 from kvpress_mm.apps.reference import heldout_prompts, load_reference_model
 
 model, processor = load_reference_model()  # the shipped checkpoint (or pass a directory)
