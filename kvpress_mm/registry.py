@@ -36,7 +36,7 @@ DISABLE_AUTOLOAD_ENV = "KVPRESS_MM_DISABLE_PLUGIN_AUTOLOAD"
 
 #: The packages whose modules are kvpress-mm's own plugins: every module in them that implements a
 #: hook is registered before any installed plugin, so adding a strategy or an adapter is adding a file.
-BUILTIN_PACKAGES = ("kvpress_mm.strategies", "kvpress_mm.adapters")
+BUILTIN_PACKAGES = ("kvpress_mm.strategies", "kvpress_mm.wrappers", "kvpress_mm.adapters")
 
 
 def builtin_plugin_modules() -> tuple[str, ...]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_fixtures import save_reference_checkpoint
+
+from tests.helpers.reference_fixtures import save_reference_checkpoint
 
 
 @pytest.fixture(scope="session")
