@@ -10,6 +10,9 @@ import torch
 
 from tests.helpers.reference_fixtures import save_reference_checkpoint
 
+# one thread per test process: tiny models run fastest on one, and the other core stays free
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def reference_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -28,3 +28,8 @@ def n_keep_for(prompt_length: int, compression_ratio: float) -> int:
 def clamp_window(window_size: int, n_keep: int) -> int:
     """A window larger than the budget is clamped to the budget."""
     return max(0, min(window_size, n_keep))
+
+
+def half_budget_window(window_size: int | None, n_keep: int) -> int:
+    """The protected window of ``h2o`` and LOOK-M: ``window_size``, or half the budget when it is ``None``."""
+    return n_keep // 2 if window_size is None else window_size

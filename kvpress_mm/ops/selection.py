@@ -6,7 +6,7 @@ has to think about padding or about rows with different budgets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -51,13 +51,22 @@ def _keep_all(layer: LayerView, positions: torch.Tensor) -> torch.Tensor:
     return positions.expand(layer.kv_heads, -1)
 
 
-def select_top_with_window(layer: LayerView, scores: torch.Tensor, window_size: int | Sequence[int]) -> CompressionPlan:
-    """Keep each row's window of most recent entries plus its highest-scoring other entries.
+def select_per_row(
+    layer: LayerView,
+    window_size: int | Sequence[int],
+    choose: Callable[[int, int, int], torch.Tensor],
+) -> CompressionPlan:
+    """Each row's window of most recent entries plus what ``choose`` picks among the others.
+
+    The shape of every window-based selection. A row whose budget covers it keeps everything;
+    otherwise its window (clamped to the budget) is kept and ``choose(b, outside, budget)``
+    returns ``[kv_heads, budget]`` ascending indices into the row's ``outside`` oldest real
+    entries (``layer.real_positions(b)[:outside]``).
 
     Args:
         layer: the layer being compressed.
-        scores: ``[batch, kv_heads, seq]`` float, higher = keep. Padding is ignored.
-        window_size: entries of the window (per row or one for all); clamped to the budget.
+        window_size: entries of the window (per row or one for all).
+        choose: the per-row choice among the entries outside the window.
 
     """
     windows = per_row(window_size, layer.batch_size)
@@ -69,12 +78,27 @@ def select_top_with_window(layer: LayerView, scores: torch.Tensor, window_size: 
             rows.append(_keep_all(layer, positions))
             continue
         window = clamp_window(windows[b], n_keep)
-        row_scores = scores[b][:, positions]  # [kvH, L]
-        top = _topk_sorted(row_scores[:, : length - window], n_keep - window)
+        chosen = choose(b, length - window, n_keep - window)
         recent = torch.arange(length - window, length, device=positions.device).expand(layer.kv_heads, -1)
-        rows.append(positions[torch.cat([top, recent], dim=-1)])
+        rows.append(positions[torch.cat([chosen, recent], dim=-1)])
     kept, valid = stack_rows(rows)
     return CompressionPlan(kept, valid)
+
+
+def select_top_with_window(layer: LayerView, scores: torch.Tensor, window_size: int | Sequence[int]) -> CompressionPlan:
+    """Keep each row's window of most recent entries plus its highest-scoring other entries.
+
+    Args:
+        layer: the layer being compressed.
+        scores: ``[batch, kv_heads, seq]`` float, higher = keep. Padding is ignored.
+        window_size: entries of the window (per row or one for all); clamped to the budget.
+
+    """
+
+    def top(b: int, outside: int, budget: int) -> torch.Tensor:
+        return _topk_sorted(scores[b][:, layer.real_positions(b)[:outside]], budget)
+
+    return select_per_row(layer, window_size, top)
 
 
 def select_text_first(
@@ -88,31 +112,20 @@ def select_text_first(
     With ``keep_all_text`` every text entry outside the window is kept even beyond the budget,
     and image/video entries fill what is left of the budget (possibly nothing).
     """
-    windows = per_row(window_size, layer.batch_size)
     neg_inf = torch.tensor(float("-inf"), device=scores.device)
-    rows = []
-    for b in range(layer.batch_size):
-        positions = layer.real_positions(b)
-        length, n_keep = int(positions.numel()), layer.n_keep[b]
-        if n_keep >= length:
-            rows.append(_keep_all(layer, positions))
-            continue
-        window = clamp_window(windows[b], n_keep)
-        outside = length - window
-        budget = n_keep - window
-        row_scores = scores[b][:, positions[:outside]]  # [kvH, outside]
-        is_text = (layer.modality[b, positions[:outside]] == Modality.TEXT).expand_as(row_scores)
+
+    def text_first(b: int, outside: int, budget: int) -> torch.Tensor:
+        positions = layer.real_positions(b)[:outside]
+        row_scores = scores[b][:, positions]  # [kvH, outside]
+        is_text = (layer.modality[b, positions] == Modality.TEXT).expand_as(row_scores)
         n_text = int(is_text[0].sum())
         if n_text >= budget and not keep_all_text:
-            chosen = _topk_sorted(torch.where(is_text, row_scores, neg_inf), budget)
-        else:
-            text = is_text[0].nonzero().squeeze(-1).expand(layer.kv_heads, -1)
-            media = _topk_sorted(torch.where(is_text, neg_inf, row_scores), max(0, budget - n_text))
-            chosen = torch.cat([text, media], dim=-1).sort(dim=-1).values
-        recent = torch.arange(outside, length, device=positions.device).expand(layer.kv_heads, -1)
-        rows.append(positions[torch.cat([chosen, recent], dim=-1)])
-    kept, valid = stack_rows(rows)
-    return CompressionPlan(kept, valid)
+            return _topk_sorted(torch.where(is_text, row_scores, neg_inf), budget)
+        text = is_text[0].nonzero().squeeze(-1).expand(layer.kv_heads, -1)
+        media = _topk_sorted(torch.where(is_text, neg_inf, row_scores), max(0, budget - n_text))
+        return torch.cat([text, media], dim=-1).sort(dim=-1).values
+
+    return select_per_row(layer, window_size, text_first)
 
 
 def keep_everything(layer: LayerView) -> CompressionPlan:

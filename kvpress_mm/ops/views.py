@@ -10,7 +10,39 @@ from kvpress_mm.modality import Modality
 from kvpress_mm.ops.scoring import attention_column_sums, decode_attention, group_mean
 
 
-class LayerView:
+class _LayerTensors:
+    """What both views hold: one layer's cache tensors, the queries attending to them, budgets, state."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor,
+        scaling: float,
+        n_keep: tuple[int, ...],
+        state: dict[str, Any],
+    ) -> None:
+        self.layer_idx = layer_idx
+        self.keys = keys
+        self.values = values
+        self.queries = queries
+        self.scaling = float(scaling)
+        self.n_keep = n_keep
+        self.state = state
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return int(self.keys.shape[0])
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of KV heads."""
+        return int(self.keys.shape[1])
+
+
+class LayerView(_LayerTensors):
     """One decoder layer right after its prompt prefill attention.
 
     Attributes:
@@ -68,30 +100,14 @@ class LayerView:
         state: dict[str, Any] | None = None,
         accumulated_attention_per_head: torch.Tensor | None = None,
     ) -> None:
-        self.layer_idx = layer_idx
-        self.keys = keys
-        self.values = values
-        self.queries = queries
-        self.scaling = float(scaling)
+        super().__init__(layer_idx, keys, values, queries, scaling, n_keep, {} if state is None else state)
         self.modality = modality
-        self.n_keep = n_keep
-        self.state: dict[str, Any] = {} if state is None else state
         self.key_valid = modality != Modality.PADDING  # [B, P]
         self.prompt_lengths = tuple(int(n) for n in self.key_valid.sum(-1).tolist())
         self._cache: dict[Any, torch.Tensor] = {}
         if accumulated_attention_per_head is not None:
             # already computed with the prefill attention (the session's fused path)
             self._cache[("accumulated", 0)] = accumulated_attention_per_head
-
-    @property
-    def batch_size(self) -> int:
-        """Number of rows."""
-        return int(self.keys.shape[0])
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of KV heads."""
-        return int(self.keys.shape[1])
 
     @property
     def seq_len(self) -> int:
@@ -126,7 +142,7 @@ class LayerView:
         return self._cache[key]
 
 
-class DecodeView:
+class DecodeView(_LayerTensors):
     """One decoder layer right after a decode step's attention (for decode-time strategies).
 
     Attributes:
@@ -155,15 +171,9 @@ class DecodeView:
         n_keep: tuple[int, ...],
         state: dict[str, Any],
     ) -> None:
-        self.layer_idx = layer_idx
-        self.keys = keys
-        self.values = values
-        self.queries = queries
-        self.scaling = float(scaling)
+        super().__init__(layer_idx, keys, values, queries, scaling, n_keep, state)
         self.slot_valid = slot_valid
         self.visible = visible
-        self.n_keep = n_keep
-        self.state = state
         self._attention: torch.Tensor | None = None
 
     def attention(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -32,20 +33,38 @@ WRAPPABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
 
 
+@dataclass
+class AttentionCall:
+    """One layer's attention call, as the model made it, with the implementation it wraps."""
+
+    module: nn.Module
+    query: torch.Tensor  # [B, heads, q, head_dim], post-RoPE
+    key: torch.Tensor  # [B, kv_heads, kv, head_dim]: the layer's cache with this call's entries last
+    value: torch.Tensor  # [B, kv_heads, kv, head_dim]
+    attention_mask: torch.Tensor | None  # what the model built (meaningless on a compressed layer)
+    kwargs: dict[str, Any]  # scaling, dropout, sliding_window, ...
+    original: AttentionFunction  # the model's own sdpa / eager function
+    wrapped: str  # "sdpa" or "eager"
+
+    @property
+    def layer_idx(self) -> int:
+        """The decoder layer's index."""
+        return int(self.module.layer_idx)  # type: ignore[arg-type]
+
+    @property
+    def scaling(self) -> float:
+        """The softmax scale of the call (the module's, else ``head_dim ** -0.5``)."""
+        return float(self.kwargs.get("scaling") or getattr(self.module, "scaling", self.query.shape[-1] ** -0.5))
+
+    def run_original(self, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """The model's own attention of this call, with ``attention_mask``."""
+        return self.original(self.module, self.query, self.key, self.value, attention_mask, **self.kwargs)
+
+
 class AttentionRoute(Protocol):
     """What the wrapper hands a layer's attention call to (a :class:`~kvpress_mm.CompressionSession`)."""
 
-    def attend(
-        self,
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        original: AttentionFunction,
-        wrapped: str,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Any]:
+    def attend(self, call: AttentionCall) -> tuple[torch.Tensor, Any]:
         """The layer's attention output (and weights), computed or wrapped by the session."""
 
 
@@ -130,7 +149,7 @@ def _make_attention_function(wrapped: str) -> AttentionFunction:
         session = ACTIVE.for_module(module)
         if session is None:
             return original(module, query, key, value, attention_mask, **kwargs)
-        return session.attend(module, query, key, value, attention_mask, original, wrapped, **kwargs)
+        return session.attend(AttentionCall(module, query, key, value, attention_mask, kwargs, original, wrapped))
 
     attention.__name__ = f"{ATTENTION_PREFIX}{wrapped}_attention"
     return attention
@@ -148,15 +167,7 @@ def register_attention_functions() -> None:
         AttentionMaskInterface.register(ATTENTION_PREFIX + wrapped, mask_function)
 
 
-def fusable(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    modality: torch.Tensor,
-    wrapped: str,
-    kwargs: Mapping[str, Any],
-) -> bool:
+def fusable(call: AttentionCall, modality: torch.Tensor) -> bool:
     """True when :func:`~kvpress_mm.ops.scoring.attention_with_column_sums` computes what the original would.
 
     That is plain scaled causal softmax attention over the whole prompt: inference (no
@@ -164,6 +175,7 @@ def fusable(
     no attention weights asked for, shapes of a prefill on an empty cache, and for ``eager``
     the standard ``eager_attention_forward`` (the mask is checked separately).
     """
+    module, query, key, value, kwargs = call.module, call.query, call.key, call.value, call.kwargs
     if module.training or float(kwargs.get("dropout") or 0.0) != 0.0:
         return False
     if kwargs.get("scaling") is None:
@@ -182,7 +194,7 @@ def fusable(
         return False
     if tuple(modality.shape) != (b, p):
         return False
-    if wrapped == "eager":
+    if call.wrapped == "eager":
         return is_standard_eager(module) and not attention_weights_requested(module)
     return True
 
@@ -267,22 +279,16 @@ class MaskChecks:
         """Forget the verdicts (a new model call starts)."""
         self._verdicts.clear()
 
-    def plain_causal(
-        self,
-        module: nn.Module,
-        attention_mask: torch.Tensor | None,
-        key_valid: torch.Tensor,
-        wrapped: str,
-        kwargs: Mapping[str, Any],
-    ) -> bool:
+    def plain_causal(self, call: AttentionCall, key_valid: torch.Tensor) -> bool:
         """True when the original attention would mask exactly causal + the call's padding."""
+        attention_mask, wrapped = call.attention_mask, call.wrapped
         padded = not bool(key_valid.all())
         length = int(key_valid.shape[-1])
         if attention_mask is None:
             if wrapped == "eager":  # eager applies no causal mask of its own
                 return length == 1 and not padded
-            is_causal = kwargs.get("is_causal")
-            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+            is_causal = call.kwargs.get("is_causal")
+            is_causal = getattr(call.module, "is_causal", True) if is_causal is None else is_causal
             # sdpa_attention_forward: is_causal=True when there is no mask (and more than one query)
             return not padded and (bool(is_causal) or length == 1)
         for checked, verdict in self._verdicts:

@@ -38,7 +38,7 @@ from kvpress_mm.session.attention import (
     ACTIVE,
     ATTENTION_PREFIX,
     WRAPPABLE_IMPLEMENTATIONS,
-    AttentionFunction,
+    AttentionCall,
     MaskChecks,
     register_attention_functions,
 )
@@ -261,62 +261,35 @@ class CompressionSession:
 
     # -- the attention wrapper ------------------------------------------------------------
 
-    def attend(
-        self,
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        original: AttentionFunction,
-        wrapped: str,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Any]:
+    def attend(self, attention: AttentionCall) -> tuple[torch.Tensor, Any]:
         """Attention for one layer: the original at prefill (then plan), our own mask afterwards."""
         call, cache = self._call, self._cache
-        if call is None or cache is None:
-            return original(module, query, key, value, attention_mask, **kwargs)
-        layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
+        if call is None or cache is None or (call.prefill and self.compressor.is_noop):
+            return attention.run_original(attention.attention_mask)
         if call.prefill:
-            if self.compressor.is_noop:
-                return original(module, query, key, value, attention_mask, **kwargs)
             fused = None
             if self.fused_prefill:
-                fused = fused_prefill_attention(
-                    self.compressor, call, cache, module, layer_idx, query, key, value, attention_mask, wrapped,
-                    kwargs, self._masks,
-                )  # fmt: skip
+                fused = fused_prefill_attention(self.compressor, call, cache, attention, self._masks)
             if fused is None:
-                output = original(module, query, key, value, attention_mask, **kwargs)
-                self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs)
+                output = attention.run_original(attention.attention_mask)
+                self._plan_prefill(attention, cache)
                 return output
             output, sums = fused
-            self._plan_prefill(module, layer_idx, cache, query, key, value, kwargs, accumulated=sums)
+            self._plan_prefill(attention, cache, accumulated=sums)
             return output
         state = state_of(cache)
-        layer_state = state.layers.get(layer_idx) if state is not None else None
+        layer_state = state.layers.get(attention.layer_idx) if state is not None else None
         if layer_state is None:
-            return original(module, query, key, value, attention_mask, **kwargs)
-        output, plan = attend_compressed(
-            self.compressor, call, layer_state, module, layer_idx, query, key, value, original, wrapped, kwargs,
-            self.compressor.acts_while_decoding,
-        )  # fmt: skip
-        self._pending[layer_idx] = (plan, layer_state, False)
+            return attention.run_original(attention.attention_mask)
+        decodes = self.compressor.acts_while_decoding
+        output, plan = attend_compressed(self.compressor, call, layer_state, attention, decodes)
+        self._pending[attention.layer_idx] = (plan, layer_state, False)
         return output
 
-    def _plan_prefill(
-        self,
-        module: nn.Module,
-        layer_idx: int,
-        cache: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kwargs: dict[str, Any],
-        accumulated: torch.Tensor | None = None,
-    ) -> None:
+    def _plan_prefill(self, attention: AttentionCall, cache: Any, accumulated: torch.Tensor | None = None) -> None:
         assert self._call is not None
-        if getattr(cache.layers[layer_idx], "is_sliding", False) or kwargs.get("sliding_window") is not None:
+        layer_idx = attention.layer_idx
+        if getattr(cache.layers[layer_idx], "is_sliding", False) or attention.kwargs.get("sliding_window") is not None:
             # sliding-window layers already hold at most their window; their cache and mask
             # logic keys on counts we would break, so they stay as transformers keeps them
             self.report.layers_skipped += 1
@@ -328,9 +301,7 @@ class CompressionSession:
                 )
                 self._warned_sliding = True
             return
-        plan, layer_state = plan_layer(
-            self.compressor, self._call, cache, module, layer_idx, query, key, value, kwargs, accumulated
-        )
+        plan, layer_state = plan_layer(self.compressor, self._call, cache, attention, accumulated)
         self._pending[layer_idx] = (plan, layer_state, True)
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.views import DecodeView
-from kvpress_mm.session.attention import AttentionFunction
+from kvpress_mm.session.attention import AttentionCall
 from kvpress_mm.session.calls import CallInfo
-from kvpress_mm.session.prefill import attention_scaling
 from kvpress_mm.session.state import LayerState
 
 
@@ -33,18 +31,7 @@ def visible_keys(layer_state: LayerState, call: CallInfo, q_len: int, device: to
 
 
 def attend_compressed(
-    strategy: Any,
-    call: CallInfo,
-    layer_state: LayerState,
-    module: nn.Module,
-    layer_idx: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    original: AttentionFunction,
-    wrapped: str,
-    kwargs: dict[str, Any],
-    decodes: bool,
+    strategy: Any, call: CallInfo, layer_state: LayerState, attention: AttentionCall, decodes: bool
 ) -> tuple[tuple[torch.Tensor, Any], CompressionPlan | None]:
     """The step's attention over a compressed layer, and the strategy's decode plan (``decodes`` only).
 
@@ -55,6 +42,7 @@ def attend_compressed(
             (the cache was edited outside the compressor).
 
     """
+    query, key, layer_idx = attention.query, attention.key, attention.layer_idx
     q_len = query.shape[2]
     cached = key.shape[2] - q_len
     if cached != layer_state.length:
@@ -66,12 +54,12 @@ def attend_compressed(
     mask: torch.Tensor | None = None
     if not (q_len == 1 and layer_state.slot_valid is None and call.new_all_valid):
         visible = visible_keys(layer_state, call, q_len, key.device)
-        if wrapped == "sdpa":
+        if attention.wrapped == "sdpa":
             mask = visible[:, None]
         else:
             mask = torch.zeros(visible.shape, dtype=query.dtype, device=key.device)
             mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)[:, None]
-    output = original(module, query, key, value, mask, **kwargs)
+    output = attention.run_original(mask)
     if layer_state.slot_valid is None and call.new_all_valid:
         slot_valid = None
     else:
@@ -85,9 +73,9 @@ def attend_compressed(
         view = DecodeView(
             layer_idx=layer_idx,
             keys=key,
-            values=value,
+            values=attention.value,
             queries=query,
-            scaling=attention_scaling(module, query, kwargs),
+            scaling=attention.scaling,
             slot_valid=slot_valid if slot_valid is not None else visible[:, -1],
             visible=visible,
             n_keep=layer_state.n_keep,

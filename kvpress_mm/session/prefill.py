@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from kvpress_mm.cache.surgery import compressible, unsupported_cache_layer
 from kvpress_mm.errors import InvalidInputError, InvalidPlanError
@@ -20,24 +19,13 @@ from kvpress_mm.modality import Modality
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.scoring import attention_with_column_sums
 from kvpress_mm.ops.views import LayerView
-from kvpress_mm.session.attention import MaskChecks, fusable
+from kvpress_mm.session.attention import AttentionCall, MaskChecks, fusable
 from kvpress_mm.session.calls import CallInfo
 from kvpress_mm.session.state import CacheState, LayerState, attach_state, state_of
 
 
 def fused_prefill_attention(
-    strategy: Any,
-    call: CallInfo,
-    cache: Any,
-    module: nn.Module,
-    layer_idx: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    wrapped: str,
-    kwargs: dict[str, Any],
-    masks: MaskChecks,
+    strategy: Any, call: CallInfo, cache: Any, attention: AttentionCall, masks: MaskChecks
 ) -> tuple[tuple[torch.Tensor, Any], torch.Tensor] | None:
     """The layer's prefill attention and its column sums in one pass, or ``None`` to use the original.
 
@@ -50,38 +38,24 @@ def fused_prefill_attention(
         return None
     modality = call.modality
     layers = getattr(cache, "layers", None)
-    if modality is None or layers is None or layer_idx >= len(layers):
+    if modality is None or layers is None or attention.layer_idx >= len(layers):
         return None
-    layer = layers[layer_idx]
+    layer = layers[attention.layer_idx]
     if getattr(layer, "is_sliding", False) or not compressible(layer):
         return None  # plan_layer skips the layer or refuses the cache
-    if not fusable(module, query, key, value, modality, wrapped, kwargs):
+    if not fusable(attention, modality):
         return None
-    key_valid = (modality != Modality.PADDING).to(key.device)
-    if not masks.plain_causal(module, attention_mask, key_valid, wrapped, kwargs):
+    key_valid = (modality != Modality.PADDING).to(attention.key.device)
+    if not masks.plain_causal(attention, key_valid):
         return None
-    scaling = float(kwargs["scaling"])
-    output, sums = attention_with_column_sums(query, key, value, scaling, key_valid, key_valid)
+    query, key, value = attention.query, attention.key, attention.value
+    output, sums = attention_with_column_sums(query, key, value, attention.scaling, key_valid, key_valid)
     # what transformers' sdpa_attention_forward / eager_attention_forward return (no weights asked for)
     return (output.transpose(1, 2).contiguous(), None), sums
 
 
-def attention_scaling(module: nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> float:
-    """The softmax scale of the attention call (the module's, else ``head_dim ** -0.5``)."""
-    return float(kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5))
-
-
 def plan_layer(
-    strategy: Any,
-    call: CallInfo,
-    cache: Any,
-    module: nn.Module,
-    layer_idx: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kwargs: dict[str, Any],
-    accumulated: torch.Tensor | None = None,
+    strategy: Any, call: CallInfo, cache: Any, attention: AttentionCall, accumulated: torch.Tensor | None = None
 ) -> tuple[CompressionPlan, LayerState]:
     """Ask ``strategy`` for the layer's plan, check it, and describe the layer it leaves.
 
@@ -94,6 +68,7 @@ def plan_layer(
 
     """
     assert call.modality is not None
+    layer_idx, key = attention.layer_idx, attention.key
     layer = cache.layers[layer_idx]
     if not compressible(layer):
         raise unsupported_cache_layer(layer, layer_idx)
@@ -108,9 +83,9 @@ def plan_layer(
     view = LayerView(
         layer_idx=layer_idx,
         keys=key,
-        values=value,
-        queries=query,
-        scaling=attention_scaling(module, query, kwargs),
+        values=attention.value,
+        queries=attention.query,
+        scaling=attention.scaling,
         modality=call.modality.to(key.device),  # layers may live on different devices
         n_keep=call.n_keep,
         accumulated_attention_per_head=accumulated,

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from kvpress_mm.compressor import ScoredCompressor
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.ops.budget import clamp_window
+from kvpress_mm.ops.budget import clamp_window, half_budget_window
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.scoring import group_mean
 from kvpress_mm.ops.views import DecodeView, LayerView
@@ -44,7 +44,7 @@ class H2O(ScoredCompressor):
 
     def protected_window(self, n_keep: int) -> int:
         """``window_size``, or half the budget."""
-        return n_keep // 2 if self.window_size is None else self.window_size
+        return half_budget_window(self.window_size, n_keep)
 
     def score(self, layer: LayerView) -> torch.Tensor:
         """Accumulated attention over all prompt queries, ``[batch, kv_heads, seq]`` float32."""

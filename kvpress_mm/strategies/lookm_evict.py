@@ -12,6 +12,8 @@ from pydantic import Field
 
 from kvpress_mm.compressor import Compressor
 from kvpress_mm.hookspecs import hookimpl
+from kvpress_mm.ops.budget import half_budget_window
+from kvpress_mm.ops.merging import MergeMode, merge_evicted
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.selection import select_text_first
 from kvpress_mm.ops.views import LayerView
@@ -40,8 +42,24 @@ class LookMEvict(Compressor):
 
     def plan(self, layer: LayerView) -> CompressionPlan:
         """Window, then text by score, then image/video by score."""
-        windows = [n // 2 if self.window_size is None else self.window_size for n in layer.n_keep]
+        windows = [half_budget_window(self.window_size, n) for n in layer.n_keep]
         return select_text_first(layer, layer.accumulated_attention(), windows, self.keep_all_text)
+
+
+class LookMMerging(LookMEvict):
+    """Base of the merging variants: ``lookm-evict``'s kept set with the evicted entries merged into it.
+
+    Each evicted entry goes to its most similar kept entry (highest key cosine similarity, per KV
+    head), and the kept entry's key and value become a combination given by the subclass's
+    ``merge_mode`` (see :mod:`kvpress_mm.ops.merging`). Kept entries with nothing assigned are
+    unchanged; the cache length is the same as ``lookm-evict``'s.
+    """
+
+    merge_mode: ClassVar[MergeMode]
+
+    def plan(self, layer: LayerView) -> CompressionPlan:
+        """The text-prior kept set with the evicted entries merged."""
+        return merge_evicted(layer, super().plan(layer), self.merge_mode)
 
 
 @hookimpl

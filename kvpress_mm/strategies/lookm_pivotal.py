@@ -6,16 +6,14 @@ Long-Context Inference", Findings of EMNLP 2024, https://arxiv.org/abs/2406.1813
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.ops.merging import merge_evicted
-from kvpress_mm.ops.plan import CompressionPlan
-from kvpress_mm.ops.views import LayerView
-from kvpress_mm.strategies.lookm_evict import LookMEvict
+from kvpress_mm.ops.merging import MergeMode
+from kvpress_mm.strategies.lookm_evict import LookMMerging
 
 
-class LookMPivotal(LookMEvict):
+class LookMPivotal(LookMMerging):
     """``lookm-evict``'s kept set, with the evicted entries merged into it.
 
     Every evicted entry ``e`` goes to its most similar kept entry ``c`` (highest key cosine
@@ -25,9 +23,7 @@ class LookMPivotal(LookMEvict):
     are unchanged; the cache length is the same as ``lookm-evict``'s.
     """
 
-    def plan(self, layer: LayerView) -> CompressionPlan:
-        """The text-prior kept set with pivotal merging."""
-        return merge_evicted(layer, super().plan(layer), "pivotal")
+    merge_mode: ClassVar[MergeMode] = "pivotal"
 
 
 @hookimpl

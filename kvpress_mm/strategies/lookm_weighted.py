@@ -6,16 +6,14 @@ Long-Context Inference", Findings of EMNLP 2024, https://arxiv.org/abs/2406.1813
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from kvpress_mm.hookspecs import hookimpl
-from kvpress_mm.ops.merging import merge_evicted
-from kvpress_mm.ops.plan import CompressionPlan
-from kvpress_mm.ops.views import LayerView
-from kvpress_mm.strategies.lookm_evict import LookMEvict
+from kvpress_mm.ops.merging import MergeMode
+from kvpress_mm.strategies.lookm_evict import LookMMerging
 
 
-class LookMWeighted(LookMEvict):
+class LookMWeighted(LookMMerging):
     """``lookm-evict``'s kept set, with the evicted entries merged into it.
 
     ``K_c' = (K_c + sum_e w_e K_e) / (1 + n_c)`` where ``w_e`` is the entry's max cosine
@@ -27,9 +25,7 @@ class LookMWeighted(LookMEvict):
     ``lookm-evict``'s.
     """
 
-    def plan(self, layer: LayerView) -> CompressionPlan:
-        """The text-prior kept set with weighted merging."""
-        return merge_evicted(layer, super().plan(layer), "weighted")
+    merge_mode: ClassVar[MergeMode] = "weighted"
 
 
 @hookimpl

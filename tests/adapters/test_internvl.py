@@ -27,8 +27,7 @@ from tests.helpers.masked_reference import (
     plain_visibility,
 )
 from tests.helpers.tiny_vlms import IMAGE, IMG_END, IMG_START, PAD, build_vlm, generate_vlm
-
-torch.set_num_threads(1)
+from tests.helpers.tokenizers import word_level_tokenizer
 
 ATOL = 1e-4
 NEW_TOKENS = 3
@@ -86,27 +85,9 @@ PNG_SIZES = [(40, 30), (120, 60), (50, 100)]  # (width, height): 1+, 2+ and 2+ t
 
 def tokenizer() -> Any:
     """A WordLevel tokenizer built in memory with InternVL's image tokens at the tiny model's ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: i for i, word in enumerate(WORDS)}
-    vocab.update({"<unk>": 249, "<IMG_CONTEXT>": IMAGE, "<img>": IMG_START, "</img>": IMG_END})
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        # the added tokens split "<img><IMG_CONTEXT>...</img>" (no spaces) into its tokens
-        extra_special_tokens={
-            "context_image_token": "<IMG_CONTEXT>",
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-        },
-        padding_side="left",
-    )
+    # the special tokens split "<img><IMG_CONTEXT>...</img>" (no spaces) into its tokens
+    special = {"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>", "end_image_token": "</img>"}
+    return word_level_tokenizer(WORDS, {"<IMG_CONTEXT>": IMAGE, "<img>": IMG_START, "</img>": IMG_END}, special)
 
 
 def image_processor() -> Any:

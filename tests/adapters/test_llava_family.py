@@ -39,8 +39,6 @@ from tests.helpers.tiny_vlms import (
     make_prompt,
 )
 
-torch.set_num_threads(1)
-
 ATOL = 1e-4
 TEETH = 1e-3
 IMPLS = ["sdpa", "eager"]

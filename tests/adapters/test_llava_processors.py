@@ -19,8 +19,7 @@ from kvpress_mm import Compressor, Modality
 from kvpress_mm.registry import find_adapter
 from tests.helpers.masked_reference import PlanRecorder, cache_of
 from tests.helpers.tiny_vlms import GRID_PINPOINTS, IMAGE, PAD, build_vlm, generate_vlm, model_class
-
-torch.set_num_threads(1)
+from tests.helpers.tokenizers import word_level_tokenizer
 
 ATOL = 1e-4
 NEW_TOKENS = 3
@@ -35,22 +34,7 @@ PROMPTS = [
 
 def tokenizer() -> Any:
     """A WordLevel tokenizer built in memory: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<image>`` 250."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: i for i, word in enumerate(WORDS)}
-    vocab.update({"<unk>": 249, "<image>": IMAGE})
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    return word_level_tokenizer(WORDS, {"<image>": IMAGE}, {"image_token": "<image>"})
 
 
 def processor(family: str) -> Any:

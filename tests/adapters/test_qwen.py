@@ -29,8 +29,6 @@ from tests.helpers.masked_reference import (
 )
 from tests.helpers.tiny_qwen_vlms import KINDS, LAYOUTS, batch, build, generate, prompt, real_length, reference_inputs
 
-torch.set_num_threads(1)
-
 ATOL = 1e-4
 TEETH = 1e-3  # a reference that is wrong must be at least this far from the compressed run
 NEW_TOKENS = 4

@@ -50,8 +50,6 @@ from tests.helpers.tiny_qwen_vlms import (
     reference_inputs,
 )
 
-torch.set_num_threads(1)
-
 ADAPTERS = {"qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen25VLAdapter, "qwen3_vl": Qwen3VLAdapter}
 
 

@@ -37,8 +37,6 @@ from tests.helpers.tiny_qwen_vlms import (
     reference_inputs,
 )
 
-torch.set_num_threads(1)
-
 ATOL = 1e-4
 TEETH = 1e-3
 FIRST, EXTRA, SECOND = 3, 3, 3

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/decode.py and benchmarks/kvpress_compare.py at a tiny size.
+"""Smoke tests of ``python -m benchmarks.decode`` and ``python -m benchmarks.kvpress_compare`` at a tiny size.
 
 They run, measure every arm and write what they promise; timings are never asserted (they are
 what the benchmarks measure, not what they check). The kvpress side of the comparison needs
@@ -10,32 +10,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+import benchmarks.decode.cli as decode
+import benchmarks.kvpress_compare.cli as compare
+from benchmarks.decode.arms import Arm
+from benchmarks.decode.decoding import decode_rounds
+from benchmarks.decode.processes import run_in_process
+from benchmarks.kvpress_compare.report import compare_kept
 from kvpress_mm.cache.growing import DEFAULT_HEADROOM as GROWING_HEADROOM
 from kvpress_mm.ops.budget import n_keep_for
-from tests.helpers.benchmark_scripts import BENCHMARKS, load_benchmark
 
 TINY_MODEL = ["--hidden=64", "--intermediate=128", "--layers=2", "--heads=4", "--kv-heads=4", "--vocab=256"]
 # keys and values of one entry in every layer: 2 layers x 2 x 4 KV heads x head_dim 16 x 4 bytes
 ENTRY_BYTES = 2 * 2 * 4 * 16 * 4
 
 
-@pytest.fixture(scope="module")
-def decode() -> ModuleType:
-    return load_benchmark("decode")
-
-
-@pytest.fixture(scope="module")
-def compare() -> ModuleType:
-    return load_benchmark("kvpress_compare")
-
-
-def test_tiny_decode_run_reports_every_part(
-    decode: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_tiny_decode_run_reports_every_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "decode.json"
     argv = [
         *TINY_MODEL,
@@ -137,31 +129,19 @@ def test_tiny_decode_run_reports_every_part(
     assert caches["snapkv, our growing cache"]["bytes_bound"] > 1.0
 
 
-def test_one_prompt_length_in_a_fresh_process(decode: ModuleType) -> None:
-    """A worker process prefills and decodes every arm of one length; its progress lines advance the bar."""
+def test_one_prompt_length_in_a_fresh_process() -> None:
+    """A worker process prefills and decodes every arm of one length; its progress lines are passed on."""
     args = decode.parse_args([*TINY_MODEL, "--decode-tokens=3", "--threads=1", "--image-tokens=16"])
     config = decode.config_from_args(args)
     arms = [
-        decode.Arm("native-K", 0.8, 120, "stock"),
-        decode.Arm("native-K", 0.8, 120, "growing"),
-        decode.Arm("h2o", 0.8, 120),
+        Arm("native-K", 0.8, 120, "stock"),
+        Arm("native-K", 0.8, 120, "growing"),
+        Arm("h2o", 0.8, 120),
     ]
-
-    class Bar:
-        def __init__(self) -> None:
-            self.updates: list[str] = []
-            self.text = ""
-
-        def set_postfix_str(self, text: str) -> None:
-            self.text = text
-
-        def update(self) -> None:
-            self.updates.append(self.text)
-
-    bar = Bar()
-    results = decode.run_worker(config, arms, bar)
-    assert len(bar.updates) == len(arms) + decode.decode_rounds(config)
-    assert bar.updates[0] == f"prefill {arms[0].key}"
+    updates: list[str] = []
+    results = run_in_process(config, arms, updates.append)
+    assert len(updates) == len(arms) + decode_rounds(config)
+    assert updates[0] == f"prefill {arms[0].key}"
     native, copied, h2o = (results[arm.key] for arm in arms)
     assert native["prompt_length"] == n_keep_for(120, 0.8) and native["cache_layer_types"] == ["DynamicLayer"]
     assert copied["derived_from"] == arms[0].key and copied["kv_bytes_held"] == native["kv_bytes_held"]
@@ -173,20 +153,17 @@ def test_one_prompt_length_in_a_fresh_process(decode: ModuleType) -> None:
 
 
 def test_compare_kept_sets() -> None:
-    compare = load_benchmark("kvpress_compare")
     ours = {"0": [[1, 2, 3], [4, 5, 6]], "1": [[1, 2, 3], [4, 5, 6]]}
-    same = compare.compare_kept(ours, {"0": [[3, 2, 1], [4, 5, 6]], "1": [[1, 2, 3], [6, 5, 4]]})
+    same = compare_kept(ours, {"0": [[3, 2, 1], [4, 5, 6]], "1": [[1, 2, 3], [6, 5, 4]]})
     assert same["all_identical"] and same["identical_heads"] == 4 and same["mean_jaccard"] == 1.0
-    other = compare.compare_kept(ours, {"0": [[1, 2, 9], [4, 5, 6]], "1": [[1, 2, 3], [4, 5, 6]]})
+    other = compare_kept(ours, {"0": [[1, 2, 9], [4, 5, 6]], "1": [[1, 2, 3], [4, 5, 6]]})
     assert not other["all_identical"] and other["identical_heads"] == 3 and other["max_differing_entries"] == 1
 
 
 COMPARE_TINY = [*TINY_MODEL, "--length=400", "--decode-tokens=2", "--threads=1", "--quiet"]
 
 
-def test_compare_runs_our_side_without_kvpress(
-    compare: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_compare_runs_our_side_without_kvpress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "compare.json"
     summary = compare.main([*COMPARE_TINY, "--arms", "snapkv", f"--kvpress-venv={tmp_path / 'none'}", f"--out={out}"])
     assert "kvpress venv not found" in capsys.readouterr().out
@@ -200,10 +177,10 @@ def test_compare_runs_our_side_without_kvpress(
 
 
 @pytest.mark.skipif(
-    not (BENCHMARKS / ".kvpress-venv" / "bin" / "python").exists(),
+    compare.kvpress_python() is None,
     reason="kvpress venv not set up (bash benchmarks/setup_kvpress_env.sh)",
 )
-def test_compare_against_kvpress_keeps_the_same_entries(compare: ModuleType, tmp_path: Path) -> None:
+def test_compare_against_kvpress_keeps_the_same_entries(tmp_path: Path) -> None:
     summary = compare.main([*COMPARE_TINY, "--arms", "snapkv", "streaming", f"--out={tmp_path / 'compare.json'}"])
     assert summary["kvpress_ran"] and summary["kvpress"]["kvpress"] == "0.5.5"
     for row in summary["rows"]:

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/prefill_decode.py at a tiny size: it runs, and writes every arm's figures.
+"""Smoke test of ``python -m benchmarks.prefill_decode`` at a tiny size: it runs, and writes every arm's figures.
 
 Timings are never asserted (they are what the benchmark measures, not what it checks).
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from tests.helpers.benchmark_scripts import load_benchmark
+from benchmarks.prefill_decode.cli import config_from_args, main, parse_args
+from benchmarks.prefill_decode.measure import ALL_STRATEGIES, worker_args
 
 TINY = [
     "--hidden=64",
@@ -26,26 +26,21 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    return load_benchmark("prefill_decode")
-
-
-def test_tiny_run_writes_every_arm(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tiny_run_writes_every_arm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "results" / "prefill_decode.json"
     argv = [*TINY, "--decode-tokens=2", "--repeats=1", "--memory=inline", "--threads=1", "--quiet", f"--out={out}"]
-    bench.main(argv)
+    main(argv)
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
 
     arms = summary["arms"]
-    assert list(arms) == ["none", *bench.ALL_STRATEGIES]
+    assert list(arms) == ["none", *ALL_STRATEGIES]
     assert summary["config"]["length"] == 256
     assert summary["machine"]["torch"] and summary["machine"]["torch_threads"] == 1
     for name, row in arms.items():
         assert name in printed
         # one run per strategy, and a no-compressor run before and after each of them
-        runs = len(bench.ALL_STRATEGIES) + 1 if name == "none" else 1
+        runs = len(ALL_STRATEGIES) + 1 if name == "none" else 1
         assert len(row["prefill_s"]) == runs and min(row["prefill_s"]) > 0, name
         assert len(row["decode_ms_per_token"]) == runs and min(row["decode_ms_per_token"]) > 0, name
         assert row["peak_prefill_bytes"] is not None and row["peak_prefill_bytes"] >= 0, name
@@ -61,7 +56,7 @@ def test_tiny_run_writes_every_arm(bench: ModuleType, tmp_path: Path, capsys: py
 
     # KV bytes after = (1 - r) x before, up to the integer budget: n_keep = int(256 * 0.2) = 51
     n_keep = int(256 * (1 - 0.8))
-    for name in bench.ALL_STRATEGIES:
+    for name in ALL_STRATEGIES:
         if name == "full":
             continue
         row = arms[name]
@@ -73,13 +68,13 @@ def test_tiny_run_writes_every_arm(bench: ModuleType, tmp_path: Path, capsys: py
     assert "PASS" in printed
 
 
-def test_memory_worker_rebuilds_the_same_run(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def test_memory_worker_rebuilds_the_same_run(capsys: pytest.CaptureFixture[str]) -> None:
     # the full-size run measures peak memory in a fresh process per arm, started with these arguments
-    config = bench.config_from_args(bench.parse_args([*TINY, "--decode-tokens=2", "--threads=1"]))
-    argv = bench.worker_args(config)
-    rebuilt = bench.config_from_args(bench.parse_args(argv))
+    config = config_from_args(parse_args([*TINY, "--decode-tokens=2", "--threads=1"]))
+    argv = worker_args(config)
+    rebuilt = config_from_args(parse_args(argv))
     assert replace(rebuilt, repeats=config.repeats, strategies=config.strategies, memory=config.memory) == config
-    bench.main([*argv, "--memory-worker=h2o"])  # what the worker process runs
+    main([*argv, "--memory-worker=h2o"])  # what the worker process runs
     memory = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert memory["peak_prefill_bytes"] >= 0
     assert memory["rss_before_prefill_bytes"] > 0

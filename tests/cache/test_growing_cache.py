@@ -25,8 +25,6 @@ from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.ops.plan import CompressionPlan
 from tests.helpers.tiny_models import build, generate, prompt
 
-torch.set_num_threads(1)
-
 HEADS, DIM = 2, 4
 
 

@@ -22,8 +22,6 @@ from tests.helpers.synthetic import (
     synthetic_cases,
 )
 
-torch.set_num_threads(1)
-
 MODES = {"lookm-average": "average", "lookm-pivotal": "pivotal", "lookm-weighted": "weighted"}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 AMBIGUOUS = 1e-5  # similarity gaps below this make the float32 argmax / threshold a coin toss

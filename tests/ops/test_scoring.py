@@ -21,8 +21,6 @@ from tests.helpers.synthetic import (
     synthetic_cases,
 )
 
-torch.set_num_threads(1)
-
 SETTINGS = settings(max_examples=40, deadline=None)
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 
@@ -112,6 +110,19 @@ def test_fused_attention_matches_sdpa_and_column_sums(
     _close(sums, naive_column_sums(t["queries"], t["keys"], scaling, t["modality"]))
 
 
+def _chunked_case(
+    batch: int, kv_heads: int, groups: int, length: int, rows: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Text-only tensors, their key validity, and a chunk budget of ``rows`` query rows per block.
+
+    One block (one batch row and KV head) is at most ``rows`` x L logits of each of its query
+    heads; later chunks see fewer keys, so they get more rows, never all L.
+    """
+    case = SyntheticCase(kv_heads, groups, 8, (length,) * batch, ((0,) * length,) * batch, 0.5, length)
+    t = make_tensors(case)
+    return t, t["modality"] != Modality.PADDING, 4 * groups * length * rows
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     batch=st.integers(1, 2),
@@ -123,12 +134,7 @@ def test_fused_attention_matches_sdpa_and_column_sums(
 def test_fused_attention_never_allocates_full_attention(
     batch: int, kv_heads: int, groups: int, length: int, rows: int
 ) -> None:
-    case = SyntheticCase(kv_heads, groups, 8, (length,) * batch, ((0,) * length,) * batch, 0.5, length)
-    t = make_tensors(case)
-    key_valid = t["modality"] != Modality.PADDING
-    # one block (one batch row and KV head) is at most `rows` x L logits of each of its query heads;
-    # later chunks see fewer keys, so they get more rows, never all L
-    chunk_bytes = 4 * groups * length * rows
+    t, key_valid, chunk_bytes = _chunked_case(batch, kv_heads, groups, length, rows)
     with _AllocationRecorder() as rec:
         output, _ = attention_with_column_sums(
             t["queries"], t["keys"], t["values"], 0.3, key_valid, key_valid, chunk_bytes
@@ -244,12 +250,7 @@ def test_allocation_recorder_detects_a_full_attention_matrix() -> None:
 def test_column_sums_never_allocate_full_attention(
     batch: int, kv_heads: int, groups: int, length: int, rows: int, start: int
 ) -> None:
-    case = SyntheticCase(kv_heads, groups, 8, (length,) * batch, ((0,) * length,) * batch, 0.5, length)
-    t = make_tensors(case)
-    key_valid = t["modality"] != Modality.PADDING
-    # one block (one batch row and KV head) is at most `rows` x L logits of each of its query heads;
-    # later chunks see fewer keys, so they get more rows, never all L
-    chunk_bytes = 4 * groups * length * rows
+    t, key_valid, chunk_bytes = _chunked_case(batch, kv_heads, groups, length, rows)
     with _AllocationRecorder() as rec:
         out = attention_column_sums(t["queries"], t["keys"], 0.3, key_valid, key_valid, start, chunk_bytes)
     _assert_chunked(rec, batch, kv_heads, groups, length, rows, start, chunk_bytes)

@@ -11,8 +11,6 @@ from kvpress_mm import Compressor
 from tests.helpers.masked_reference import PlanRecorder, cache_of
 from tests.helpers.tiny_models import build, generate, left_padded
 
-torch.set_num_threads(1)
-
 ATOL = 1e-4
 LENGTHS = [21, 34, 27]
 NEW_TOKENS = 5

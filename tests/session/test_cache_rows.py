@@ -39,8 +39,6 @@ from tests.helpers.tiny_models import (
     prompt,
 )
 
-torch.set_num_threads(1)
-
 ATOL = 1e-4
 BEAMS, BEAM_TOKENS = 4, 16
 STRATEGIES: list[tuple[str, dict[str, Any]]] = [

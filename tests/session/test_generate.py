@@ -18,8 +18,6 @@ from kvpress_mm.strategies import BUILTIN_STRATEGIES
 from tests.helpers.masked_reference import PlanRecorder, cache_of
 from tests.helpers.tiny_models import FAMILIES, build, generate, left_padded, prompt
 
-torch.set_num_threads(1)
-
 # every family is exercised, without multiplying the cases
 FAMILY_OF = {name: FAMILIES[i % len(FAMILIES)] for i, name in enumerate(BUILTIN_STRATEGIES)}
 IMPLS = ["sdpa", "eager"]

@@ -26,8 +26,6 @@ from tests.helpers.masked_reference import (
 )
 from tests.helpers.tiny_models import FAMILIES, build, generate, left_padded, prompt
 
-torch.set_num_threads(1)
-
 ATOL = 1e-4
 # the masked reference must be far from the unmasked run, or the comparison proves nothing
 TEETH = 1e-3

@@ -30,8 +30,6 @@ from tests.helpers.tiny_models import (
     prompt,
 )
 
-torch.set_num_threads(1)
-
 IMPLS = ["sdpa", "eager"]
 
 

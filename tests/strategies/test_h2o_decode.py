@@ -17,8 +17,6 @@ from tests.helpers.synthetic import (
     synthetic_cases,
 )
 
-torch.set_num_threads(1)
-
 TOL = 1e-4
 
 

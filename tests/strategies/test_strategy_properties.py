@@ -26,8 +26,6 @@ from tests.helpers.synthetic import (
     synthetic_cases,
 )
 
-torch.set_num_threads(1)
-
 SETTINGS = settings(max_examples=40, deadline=None)
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 WINDOWS = st.one_of(st.none(), st.integers(0, 100))
