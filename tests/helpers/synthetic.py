@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from kvpress_mm import CompressionPlan, LayerView, Modality
@@ -20,6 +21,11 @@ MERGING_STRATEGIES = ("lookm-average", "lookm-pivotal", "lookm-weighted")
 EVICTION_STRATEGIES = ("random", "streaming", "h2o", "snapkv", "lookm-evict")
 
 PATTERNS = ("text", "image", "span", "mix")
+
+#: Hypothesis settings of the synthetic-layer property tests.
+SETTINGS = settings(max_examples=40, deadline=None)
+#: Model dtypes the statistics must handle (scores are float32 whatever the dtype).
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 
 
 @dataclass(frozen=True)

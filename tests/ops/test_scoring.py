@@ -11,6 +11,8 @@ from torch.utils._pytree import tree_leaves
 from kvpress_mm import Compressor, Modality
 from kvpress_mm.ops.scoring import CHUNK_BYTES, _query_chunks, attention_column_sums, attention_with_column_sums
 from tests.helpers.synthetic import (
+    DTYPES,
+    SETTINGS,
     SyntheticCase,
     make_tensors,
     make_view,
@@ -20,9 +22,6 @@ from tests.helpers.synthetic import (
     naive_snapkv_scores,
     synthetic_cases,
 )
-
-SETTINGS = settings(max_examples=40, deadline=None)
-DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 2e-5, rtol: float = 2e-5) -> None:
@@ -110,6 +109,16 @@ def test_fused_attention_matches_sdpa_and_column_sums(
     _close(sums, naive_column_sums(t["queries"], t["keys"], scaling, t["modality"]))
 
 
+#: Shapes of the allocation tests: small enough for many examples, long enough for several chunks.
+CHUNKED_SHAPES = dict(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    groups=st.integers(1, 3),
+    length=st.integers(32, 64),
+    rows=st.integers(1, 8),
+)
+
+
 def _chunked_case(
     batch: int, kv_heads: int, groups: int, length: int, rows: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
@@ -124,13 +133,7 @@ def _chunked_case(
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    batch=st.integers(1, 2),
-    kv_heads=st.integers(1, 2),
-    groups=st.integers(1, 3),
-    length=st.integers(32, 64),
-    rows=st.integers(1, 8),
-)
+@given(**CHUNKED_SHAPES)
 def test_fused_attention_never_allocates_full_attention(
     batch: int, kv_heads: int, groups: int, length: int, rows: int
 ) -> None:
@@ -237,14 +240,7 @@ def test_allocation_recorder_detects_a_full_attention_matrix() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    batch=st.integers(1, 2),
-    kv_heads=st.integers(1, 2),
-    groups=st.integers(1, 3),
-    length=st.integers(32, 64),
-    rows=st.integers(1, 8),
-    start=st.integers(0, 8),
-)
+@given(**CHUNKED_SHAPES, start=st.integers(0, 8))
 # 3 query heads per KV head and a last chunk of 12 rows: its flat view is [36, 36] (found by hypothesis)
 @example(batch=1, kv_heads=2, groups=3, length=36, rows=14, start=3)
 def test_column_sums_never_allocate_full_attention(

@@ -13,7 +13,9 @@ from kvpress_mm.cache.surgery import apply_plan
 from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
 from tests.helpers.synthetic import (
+    DTYPES,
     LOOKM_STRATEGIES,
+    SETTINGS,
     CacheLayer,
     SyntheticCase,
     kept_rows,
@@ -26,8 +28,6 @@ from tests.helpers.synthetic import (
     synthetic_cases,
 )
 
-SETTINGS = settings(max_examples=40, deadline=None)
-DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 WINDOWS = st.one_of(st.none(), st.integers(0, 100))
 TOL = 1e-4  # score comparisons against the float64 references (scores are sums of up to 80 probabilities)
 
