@@ -1,7 +1,8 @@
 """The Qwen2.5-VL adapter: ``Qwen2_5_VLForConditionalGeneration``.
 
-The Qwen-VL logic (modality map from ``mm_token_type_ids``, placeholder and M-RoPE checks,
-:func:`expand_vision_placeholders`) lives in :mod:`kvpress_mm.adapters.qwen_vl_base`. Videos
+The Qwen-VL logic lives in :mod:`kvpress_mm.adapters.qwen_vl_base` (modality map from
+``mm_token_type_ids``, M-RoPE checks) and :mod:`kvpress_mm.adapters.qwen_vl_prompts`
+(placeholder runs, :func:`expand_vision_placeholders`). Videos
 may bring ``second_per_grid_ts`` (absolute time in the temporal M-RoPE row); the model uses
 it, the checks here do not need it.
 """

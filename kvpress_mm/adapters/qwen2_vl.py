@@ -1,7 +1,8 @@
 """The Qwen2-VL adapter: ``Qwen2VLForConditionalGeneration``.
 
-The Qwen-VL logic (modality map from ``mm_token_type_ids``, placeholder and M-RoPE checks,
-:func:`expand_vision_placeholders`) lives in :mod:`kvpress_mm.adapters.qwen_vl_base`.
+The Qwen-VL logic lives in :mod:`kvpress_mm.adapters.qwen_vl_base` (modality map from
+``mm_token_type_ids``, M-RoPE checks) and :mod:`kvpress_mm.adapters.qwen_vl_prompts`
+(placeholder runs, :func:`expand_vision_placeholders`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The Qwen3-VL adapter: ``Qwen3VLForConditionalGeneration``.
 
-The Qwen-VL logic (modality map from ``mm_token_type_ids``, placeholder and M-RoPE checks,
-:func:`expand_vision_placeholders`) lives in :mod:`kvpress_mm.adapters.qwen_vl_base`.
+The Qwen-VL logic lives in :mod:`kvpress_mm.adapters.qwen_vl_base` (modality map from
+``mm_token_type_ids``, M-RoPE checks) and :mod:`kvpress_mm.adapters.qwen_vl_prompts`
+(placeholder runs, :func:`expand_vision_placeholders`).
 Qwen3-VL differs in ways the shared code handles: each video frame is its own placeholder
 run (``<vision_start>`` ... ``<vision_end>`` after a timestamp), its text attention has
 ``q_norm`` / ``k_norm`` (the compressor sees post-norm, post-RoPE keys anyway) and "deepstack"
