@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Create benchmarks/.kvpress-venv with NVIDIA kvpress 0.5.5 for benchmarks/kvpress_compare.py.
+# Create benchmarks/.kvpress-venv with NVIDIA kvpress 0.5.5 for `python -m benchmarks.kvpress_compare`.
 #
 #   bash benchmarks/setup_kvpress_env.sh            # from anywhere
 #   PYTHON=python3.11 bash benchmarks/setup_kvpress_env.sh
 #
 # kvpress 0.5.5 needs transformers < 5.3 while kvpress-mm is tested with transformers 5.24, so
-# kvpress lives in its own virtual environment; kvpress_compare.py runs it there as a subprocess
-# (benchmarks/kvpress_worker.py). torch is installed FIRST and pinned to the CPU build 2.13.0
-# (the same as .venv): a bare `torch` requirement would pull a multi-GB CUDA build.
+# kvpress lives in its own virtual environment; kvpress_compare runs its kvpress side there as a
+# subprocess (python -m benchmarks.kvpress_compare.kvpress_side, from the repository's root: it
+# imports the benchmarks harness, never kvpress_mm). torch is installed FIRST and pinned to the
+# CPU build 2.13.0 (the same as .venv): a bare `torch` requirement would pull a multi-GB CUDA build.
 # Re-runs are no-ops once kvpress imports.
 set -euo pipefail
 

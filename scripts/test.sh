@@ -59,8 +59,10 @@ strategies_list_keynorm() {
 }
 
 step install_example_plugin
-step .venv/bin/ruff check kvpress_mm tests examples
+step .venv/bin/ruff check kvpress_mm tests examples benchmarks
 step .venv/bin/mypy
+# the benchmarks package (outside the library, not under the strict package check above)
+step .venv/bin/mypy --follow-imports=silent benchmarks
 # the example only: kvpress_mm itself is checked by the step above
 step .venv/bin/mypy --follow-imports=silent "$example/src" "$example/tests"
 step .venv/bin/pytest -q "$@"

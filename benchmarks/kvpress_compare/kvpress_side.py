@@ -1,26 +1,36 @@
-"""NVIDIA kvpress's side of benchmarks/kvpress_compare.py: runs in benchmarks/.kvpress-venv, not in .venv.
+"""NVIDIA kvpress's side of kvpress_compare: runs in benchmarks/.kvpress-venv, not in .venv.
 
-    benchmarks/.kvpress-venv/bin/python benchmarks/kvpress_worker.py --model-dir D --prompt P.json \\
-        --press snapkv --ratio 0.8 --decode-tokens 32 --out result.json
+    cd <repository> && benchmarks/.kvpress-venv/bin/python -m benchmarks.kvpress_compare.kvpress_side \\
+        --model-dir D --prompt P.json --press snapkv --ratio 0.8 --decode-tokens 32 --out result.json
 
-Loads the saved random Llama with transformers (< 5.3, what kvpress 0.5.5 supports), builds the
-press with the settings kvpress_compare.py asks for, and runs one greedy ``generate`` inside
+(:func:`benchmarks.kvpress_compare.cli.run_side` runs it so, without ``PYTHONPATH``). Loads the
+saved random Llama with transformers (< 5.3, what kvpress 0.5.5 supports), builds the press with
+the settings kvpress_compare asks for, and runs one greedy ``generate`` inside
 ``with press(model):`` on the saved prompt, after a short warm-up. It writes JSON: the prefill
 time (start of ``generate`` to the first logits, compression included), the time spent in the
 press's ``compress`` (summed over layers), each decode step's time, and for score-based presses
-the entries each layer and KV head kept (sorted positions). Imports nothing from kvpress-mm.
+the entries each layer and KV head kept (sorted positions).
+
+It imports nothing from kvpress-mm, whose transformers is not this venv's: only
+:mod:`benchmarks.harness` (the standard library at the top of its modules, torch and
+transformers in the functions used here), and it fails if kvpress_mm was imported all the same.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.metadata
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.harness.models import load_saved
+from benchmarks.harness.reports import argument_parser
+from benchmarks.harness.runs import StepTimer, greedy_options
 
 
 def build_press(name: str, ratio: float, settings: dict[str, Any]) -> Any:
@@ -71,47 +81,18 @@ class Recorder:
             object.__setattr__(press, "score", recorded_score)
 
 
-class StepTimer:
-    """A logits processor that timestamps every generation step (and the process CPU time at the first)."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-        self.cpu = 0.0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.stamps.append(time.perf_counter())
-        if len(self.stamps) == 1:
-            self.cpu = time.process_time()
-        return scores
-
-
-def generate(model: Any, press: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list[float]]:
-    """Greedy generation inside ``press``: (prefill seconds, prefill CPU seconds, decode step seconds)."""
-    from transformers import DynamicCache, LogitsProcessorList
+def generate(model: Any, press: Any, input_ids: torch.Tensor, new_tokens: int) -> StepTimer:
+    """Greedy generation inside ``press`` (None: none) into a ``DynamicCache``; the timer that timed it."""
+    from transformers import DynamicCache
 
     timer = StepTimer()
-    options: dict[str, Any] = dict(
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        past_key_values=DynamicCache(),
-        logits_processor=LogitsProcessorList([timer]),
-    )
-    with torch.inference_mode():
-        cpu_start = time.process_time()
-        start = time.perf_counter()
-        if press is None:
-            model.generate(input_ids, **options)
-        else:
-            with press(model):
-                model.generate(input_ids, **options)
-    return timer.stamps[0] - start, timer.cpu - cpu_start, [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+    timer.generate(model, input_ids, greedy_options(input_ids, new_tokens, past_key_values=DynamicCache()), press)
+    return timer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one press on the saved model and prompt; write the JSON result."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argument_parser("benchmarks.kvpress_compare.kvpress_side", __doc__)
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--prompt", type=Path, required=True, help="JSON list of token ids")
     parser.add_argument("--press", required=True, choices=("none", "snapkv", "streaming", "observed-attention"))
@@ -126,23 +107,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import kvpress
     import transformers
 
-    transformers.logging.set_verbosity_error()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        args.model_dir, local_files_only=True, attn_implementation=args.attn, dtype=torch.float32
-    ).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    input_ids = torch.tensor([json.loads(args.prompt.read_text())])
-    settings = json.loads(args.settings)
-
-    press = build_press(args.press, args.ratio, settings)
+    model, input_ids = load_saved(args.model_dir, args.prompt, args.attn)
+    press = build_press(args.press, args.ratio, json.loads(args.settings))
     recorder = Recorder(press) if press is not None else None
     generate(model, press, input_ids[:, :256], 2)  # warm-up: lazy initialisations
     if recorder is not None:
         recorder.seconds, recorder.active = 0.0, True
-    prefill, prefill_cpu, steps = generate(model, press, input_ids, args.decode_tokens)
+    timer = generate(model, press, input_ids, args.decode_tokens)
+    if "kvpress_mm" in sys.modules:
+        raise RuntimeError("the kvpress side imported kvpress_mm: it must run on kvpress and its transformers alone")
     result = {
         "side": "kvpress",
         "press": args.press,
@@ -150,10 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": args.ratio,
         "attn": args.attn,
         "prompt_length": int(input_ids.shape[1]),
-        "prefill_s": prefill,
-        "prefill_cpu_s": prefill_cpu,
+        "prefill_s": timer.prefill_s,
+        "prefill_cpu_s": timer.prefill_cpu_s,
         "compression_s": recorder.seconds if recorder is not None else 0.0,
-        "decode_step_ms": [1000 * s for s in steps],
+        "decode_step_ms": [1000 * s for s in timer.step_s],
         "kept": {str(k): v for k, v in sorted(recorder.kept.items())} if recorder is not None else {},
         "versions": {
             "kvpress": getattr(kvpress, "__version__", None) or _version("kvpress"),
@@ -168,8 +143,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _version(distribution: str) -> str | None:
-    import importlib.metadata
-
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
