@@ -60,6 +60,8 @@ def assign_evicted(
             f"expected evicted keys [H, m, D] and kept keys [H, n, D] with the same H and D, got "
             f"{tuple(evicted_keys.shape)} and {tuple(kept_keys.shape)}"
         )
+    # the assignment is a discrete choice: no gradient (and the out= buffers refuse autograd)
+    evicted_keys, kept_keys = evicted_keys.detach(), kept_keys.detach()
     heads, m, dim = evicted_keys.shape
     n = kept_keys.shape[1]
     device = evicted_keys.device

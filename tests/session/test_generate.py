@@ -297,3 +297,21 @@ def test_fused_prefill_mask_check(wrapped: str) -> None:
         mask.float() if wrapped == "sdpa" else mask == 0, key_valid, wrapped
     )
     assert not attention_module.mask_is_causal_with_padding(mask[:, :, :5], key_valid, wrapped)
+
+
+@pytest.mark.parametrize("name", [s for s in BUILTIN_STRATEGIES if s != "full"])
+def test_a_forward_with_gradients_enabled_compresses_like_one_without(name: str) -> None:
+    """A plain ``model(...)`` outside ``torch.no_grad()`` (as in a training loop) compresses the same.
+
+    Regression: the LOOK-M merges' similarity used ``torch.mm(..., out=)``, which autograd refuses.
+    """
+    model = build(FAMILY_OF[name], "sdpa")
+    ids = prompt(PROMPT_LEN)
+    kept = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), Compressor.from_name(name, compression_ratio=0.5)(model):
+            out = model(input_ids=ids, use_cache=True)
+        kept.append([layer.keys.detach() for layer in cache_of(out).layers])
+    for with_grad, without in zip(*kept, strict=True):
+        assert with_grad.shape[-2] < PROMPT_LEN
+        torch.testing.assert_close(with_grad, without)
