@@ -207,14 +207,21 @@ def require_backend(generation_config: Any) -> None:
     cache_config = getattr(generation_config, "cache_config", None) or {}
     if not isinstance(cache_config, Mapping):
         cache_config = vars(cache_config) if hasattr(cache_config, "__dict__") else {}
-    backend = cache_config.get("backend", "quanto")  # transformers' default backend
+    require_backend_package(str(cache_config.get("backend", "quanto")))  # quanto: transformers' default
+
+
+def require_backend_package(backend: str) -> None:
+    """Raise a :class:`~kvpress_mm.errors.MissingDependencyError` naming the extra if ``backend``'s package is missing.
+
+    ``"fp8"`` (and a name transformers will reject itself) needs nothing.
+    """
     if backend not in BACKEND_PACKAGES:
-        return  # fp8 needs nothing; transformers rejects unknown backends itself
+        return
     check, package = BACKEND_PACKAGES[backend]
     available = getattr(cache_utils, check, None)
     if callable(available) and not available():
         raise MissingDependencyError(
-            f"cache_implementation='quantized' with backend {backend!r} needs {package}, which is not installed: "
-            f"{INSTALL_EXTRA} (installs optimum-quanto and hqq), or use cache_config={{'backend': 'fp8'}}, "
-            "which needs no extra package"
+            f"a quantized KV cache with backend {backend!r} needs {package}, which is not installed: "
+            f"{INSTALL_EXTRA} (installs optimum-quanto and hqq), or use the 'fp8' backend, which needs no "
+            "extra package"
         )

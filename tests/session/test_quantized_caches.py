@@ -38,6 +38,7 @@ from tests.helpers.quantized import (
     quantized_cache,
     requires,
 )
+from tests.helpers.tiny_models import FAMILIES as TEXT_FAMILIES
 from tests.helpers.tiny_models import (
     PAD,
     assert_same_model_state,
@@ -47,6 +48,7 @@ from tests.helpers.tiny_models import (
     model_snapshot,
     prompt,
 )
+from tests.helpers.tiny_vlms import FAMILIES as VLM_FAMILIES
 from tests.helpers.tiny_vlms import build_vlm, generate_vlm, left_pad_batch, make_prompt
 
 NEW_TOKENS = 4
@@ -225,41 +227,45 @@ def test_h2o_decode_eviction_is_refused_on_quanto_and_hqq_before_the_first_token
     assert recorder.stored == []  # refused before the prefill ran
 
 
-@pytest.mark.parametrize("cache", cache_params("quanto-4bit", "fp8"))
-@pytest.mark.parametrize("name", ["snapkv", "lookm-pivotal"])
-def test_llava_on_a_quantized_cache(name: str, cache: str) -> None:
-    model = build_vlm("llava")
-    prompts = [make_prompt("llava", model, 2, seed=0), make_prompt("llava", model, 1, seed=1)]
-    ids, mask, pixels = left_pad_batch("llava", prompts)
+def family_run(family: str) -> tuple[torch.nn.Module, Any]:
+    """A tiny model of ``family`` and a function that generates on a left-padded batch with images (if a VLM)."""
+    if family in TEXT_FAMILIES:
+        model = build(family)
+        ids, mask, _ = left_padded(LENGTHS)
+        return model, lambda **options: generate(model, ids, mask, max_new_tokens=NEW_TOKENS, **options)
+    if family in qwen.KINDS:
+        model = qwen.build(family)
+        layouts = [qwen.LAYOUTS["three-images"], qwen.LAYOUTS["one-image"]]
+        inputs = qwen.batch([qwen.prompt(model, layout, seed=i) for i, layout in enumerate(layouts)])
+        return model, lambda **options: qwen.generate(model, inputs, max_new_tokens=NEW_TOKENS, **options)
+    model = build_vlm(family)
+    prompts = [make_prompt(family, model, 2, seed=0), make_prompt(family, model, 1, seed=1)]
+    ids, mask, pixels = left_pad_batch(family, prompts)
     inputs = {"input_ids": ids, "attention_mask": mask, **pixels}
-    compressor = strategy(name, cache, window_size=4)
-    quantized, reference = StoreRecorder(), StoreRecorder(qdq=fresh_quantizer(model, cache))
-    q_out = run(
-        model,
-        compressor,
-        quantized,
-        lambda: generate_vlm(model, inputs, max_new_tokens=NEW_TOKENS, **generate_options(cache)),
-    )
-    ref_out = run(model, compressor, reference, lambda: generate_vlm(model, inputs, max_new_tokens=NEW_TOKENS))
-    assert_exact_composition(quantized, reference, q_out, ref_out, cache)
+    return model, lambda **options: generate_vlm(model, inputs, max_new_tokens=NEW_TOKENS, **options)
 
 
-@pytest.mark.parametrize("cache", cache_params("hqq-8bit", "fp8"))
-@pytest.mark.parametrize("name", ["snapkv", "lookm-pivotal"])
-def test_qwen2_vl_multimodal_rope_on_a_quantized_cache(name: str, cache: str) -> None:
-    model = qwen.build("qwen2_vl")
-    inputs = qwen.batch(
-        [qwen.prompt(model, qwen.LAYOUTS["three-images"]), qwen.prompt(model, qwen.LAYOUTS["one-image"], seed=1)]
-    )
+#: The VLMs' full runs: LLaVA (image placeholders) and Qwen2-VL (multimodal RoPE) on every backend.
+VLM_CASES = [
+    pytest.param(family, cache, name, id=f"{family}-{name}-{cache}", marks=requires(CACHE_CONFIGS[cache]["backend"]))
+    for family in ("llava", "qwen2_vl")
+    for cache in CACHE_CONFIGS
+    for name in ("snapkv", "lookm-pivotal")
+]
+#: Every other supported family, once.
+FAMILY_CASES = [
+    pytest.param(family, "quanto-4bit", "lookm-pivotal", id=family, marks=requires("quanto"))
+    for family in (*TEXT_FAMILIES[1:], *VLM_FAMILIES[1:], *qwen.KINDS[1:])
+]
+
+
+@pytest.mark.parametrize(("family", "cache", "name"), VLM_CASES + FAMILY_CASES)
+def test_every_family_on_a_quantized_cache(family: str, cache: str, name: str) -> None:
+    model, run_generate = family_run(family)
     compressor = strategy(name, cache, window_size=4)
     quantized, reference = StoreRecorder(), StoreRecorder(qdq=fresh_quantizer(model, cache))
-    q_out = run(
-        model,
-        compressor,
-        quantized,
-        lambda: qwen.generate(model, inputs, max_new_tokens=NEW_TOKENS, **generate_options(cache)),
-    )
-    ref_out = run(model, compressor, reference, lambda: qwen.generate(model, inputs, max_new_tokens=NEW_TOKENS))
+    q_out = run(model, compressor, quantized, lambda: run_generate(**generate_options(cache)))
+    ref_out = run(model, compressor, reference, run_generate)
     assert_exact_composition(quantized, reference, q_out, ref_out, cache)
 
 
