@@ -304,7 +304,7 @@ class CompressionSession:
     def _eviction(self) -> dict[str, Any]:
         """What :func:`~kvpress_mm.cache.surgery.check_cache_layers` needs to know of the strategy."""
         return {
-            "evicts_while_decoding": bool(getattr(self.compressor, "evicts_while_decoding", False)),
+            "evicts_while_decoding": bool(self.compressor.evicts_while_decoding),
             "strategy": type(self.compressor).__name__,
         }
 

@@ -342,3 +342,20 @@ def test_row_selection_on_a_compressed_quantized_cache_is_refused(llama: torch.n
     with pytest.raises(UnsupportedCacheError, match="residual only"):
         cache.batch_select_indices(torch.tensor([1, 0, 2]))
     cache.reorder_cache(torch.tensor([1, 0, 2]))  # what beam search calls: supported
+
+
+@pytest.mark.parametrize("cache", cache_params("quanto-4bit", "hqq-8bit"))
+def test_a_second_turn_continues_the_compressed_quantized_cache_exactly(llama: torch.nn.Module, cache: str) -> None:
+    ids, mask, _ = left_padded(LENGTHS)
+    compressor = strategy("lookm-pivotal", cache)
+    quantized, reference = StoreRecorder(), StoreRecorder(qdq=fresh_quantizer(llama, cache))
+    q_out = run(llama, compressor, quantized, lambda: generate(llama, ids, mask, **generate_options(cache)))
+    ref_out = run(llama, compressor, reference, lambda: generate(llama, ids, mask))
+    # the next turn: the tokens the cache has not seen, with the whole conversation's mask
+    turn = torch.cat([q_out.sequences[:, -1:], prompt(5, seed=9).expand(len(LENGTHS), -1)], dim=1)
+    conversation = torch.cat([mask, torch.ones(len(LENGTHS), q_out.sequences.shape[1] - ids.shape[1] + 5)], dim=1)
+    with torch.no_grad(), compressor(llama):
+        q_next = llama(input_ids=turn, attention_mask=conversation.long(), cache=cache_of(q_out)).logits
+        ref_next = llama(input_ids=turn, attention_mask=conversation.long(), cache=cache_of(ref_out)).logits
+    assert torch.equal(q_next, ref_next)
+    assert type(cache_of(q_out)) is QuantizedCache
