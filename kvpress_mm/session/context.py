@@ -179,11 +179,14 @@ class CompressionSession:
             adapter.set_attention_implementation(self.model, ATTENTION_PREFIX + original)
             self._original_implementation = original
             self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            # a missing quantized-cache backend raises an ImportError naming the [quant] extra, no-op or not
+            instruments = [require_cache_backend]
             if not self.compressor.is_noop:
-                for instrument in (adapter.instrument, refuse_chunked_prefill, require_cache_backend):
-                    undo = instrument(self.model)
-                    if undo is not None:
-                        self._undo.append(undo)
+                instruments += [adapter.instrument, refuse_chunked_prefill]
+            for instrument in instruments:
+                undo = instrument(self.model)
+                if undo is not None:
+                    self._undo.append(undo)
             for module in self._modules:
                 self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import cache_utils
 from transformers.cache_utils import DynamicCache, QuantizedCache
 
 import tests.helpers.tiny_qwen_vlms as qwen
 from kvpress_mm import Compressor
-from kvpress_mm.errors import UnsupportedCacheError
+from kvpress_mm.errors import MissingDependencyError, UnsupportedCacheError
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
 from tests.helpers.masked_reference import cache_of
 from tests.helpers.quantized import (
@@ -359,3 +360,25 @@ def test_a_second_turn_continues_the_compressed_quantized_cache_exactly(llama: t
         ref_next = llama(input_ids=turn, attention_mask=conversation.long(), cache=cache_of(ref_out)).logits
     assert torch.equal(q_next, ref_next)
     assert type(cache_of(q_out)) is QuantizedCache
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_a_missing_backend_names_the_extra_and_fp8_needs_none(
+    llama: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, ratio: float
+) -> None:
+    monkeypatch.setattr(cache_utils, "is_hqq_available", lambda: False)
+    monkeypatch.setattr(cache_utils, "is_optimum_quanto_available", lambda: False)
+    ids, mask, _ = left_padded(LENGTHS)
+    with Compressor.from_name("snapkv", compression_ratio=ratio)(llama):
+        for backend, package in (("hqq", "hqq"), ("quanto", "optimum-quanto")):
+            with pytest.raises(MissingDependencyError, match=rf"needs {package}.*pip install 'kvpress-mm\[quant\]'"):
+                generate(
+                    llama,
+                    ids,
+                    mask,
+                    max_new_tokens=2,
+                    cache_implementation="quantized",
+                    cache_config={"backend": backend},
+                )
+        out = generate(llama, ids, mask, max_new_tokens=2, **generate_options("fp8"))
+    assert type(cache_of(out)) is QuantizedCache
