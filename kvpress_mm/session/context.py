@@ -90,7 +90,8 @@ class CompressionReport:
         layers_compressed: decoder layers whose cache was compressed.
         layers_skipped: decoder layers left uncompressed (sliding-window layers).
         kv_bytes_before: bytes of the compressed layers' keys and values right after the
-            prefill, before compression.
+            prefill, before compression (on a quantized cache, what it stores: the prompt as
+            transformers quantized it).
         kv_bytes_after: the same layers' bytes right after compression.
         prompt_lengths: real (non-padding) prompt tokens of each row of the batch.
         n_keep: cache entries each row keeps per layer and KV head (its budget).
