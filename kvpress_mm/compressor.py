@@ -76,6 +76,17 @@ class Compressor(BaseModel):
         return type(self).decode_plan is not Compressor.decode_plan
 
     @property
+    def evicts_while_decoding(self) -> bool:
+        """True when :meth:`decode_plan` may evict entries while decoding.
+
+        Default: the class overrides :meth:`decode_plan` and the strategy is not a no-op. A quanto
+        / HQQ ``QuantizedCache`` refuses such a strategy before the first token (each eviction
+        would re-quantize the whole cache); a strategy whose ``decode_plan`` can be turned off by
+        its config overrides this property (``h2o``: ``decode_eviction``).
+        """
+        return not self.is_noop and type(self).decode_plan is not Compressor.decode_plan
+
+    @property
     def name(self) -> str:
         """The name this strategy class is registered under."""
         return strategy_name(type(self))

@@ -20,7 +20,15 @@ class UnsupportedModelError(KVPressMMError, ValueError):
 
 
 class UnsupportedCacheError(KVPressMMError, ValueError):
-    """The KV cache passed to the model cannot be compressed (static, quantized, offloaded...)."""
+    """The KV cache passed to the model cannot be compressed (static, offloaded...), or not this way."""
+
+
+class MissingDependencyError(KVPressMMError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra to install.
+
+    For example ``generate(cache_implementation="quantized")`` with the quanto or HQQ backend
+    needs ``pip install 'kvpress-mm[quant]'``.
+    """
 
 
 class InvalidInputError(KVPressMMError, ValueError):

@@ -35,11 +35,11 @@ def ours_worker(model_dir: Path, prompt_path: Path, settings: dict[str, Any], de
     current_cache: Any = None
     original_apply = session_module.apply_plan
 
-    def recording_apply(layer: Any, plan: Any) -> None:
+    def recording_apply(layer: Any, plan: Any, keys: Any = None, values: Any = None) -> None:
         layer_idx = next((i for i, c in enumerate(current_cache.layers) if c is layer), None)
         if recording and layer_idx is not None and layer_idx not in kept:  # the prefill's plan
             kept[layer_idx] = plan.kept_indices[0].tolist()
-        original_apply(layer, plan)
+        original_apply(layer, plan, keys, values)
 
     timer = StepTimer()
 

@@ -106,9 +106,9 @@ def _prompt_bytes(cache: Any, prompt_length: int) -> int:
     """KV bytes of ``prompt_length`` entries per layer, from an uncompressed cache's entry size."""
     total = 0
     for layer in _cache_layers(cache):
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[-2] > 0:
-            total += kv_bytes(layer) * prompt_length // int(keys.shape[-2])
+        entries = int(layer.get_seq_length()) if hasattr(layer, "get_seq_length") else 0  # quantized layers too
+        if entries > 0:
+            total += kv_bytes(layer) * prompt_length // entries
     return total
 
 

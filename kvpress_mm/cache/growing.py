@@ -309,7 +309,8 @@ def grow_in_place(layer: Any, headroom: int = DEFAULT_HEADROOM) -> None:
     """Make a compressed ``DynamicLayer`` a :class:`GrowingLayer` (the same object) holding exactly its entries.
 
     Decode steps then append in place instead of copying the whole cache; the first one
-    reallocates once with ``headroom`` free entries. A ``GrowingLayer`` is left as it is.
+    reallocates once with ``headroom`` free entries. A ``GrowingLayer`` is left as it is, and so
+    is a layer of any other class (a quantized layer keeps its own storage).
     """
-    if type(layer) is not GrowingLayer:
+    if type(layer) is DynamicLayer:
         GrowingLayer.adopt(layer, headroom=headroom, exact=True)

@@ -1,7 +1,9 @@
 """Applying plans to transformers cache layers so that evicted entries' memory is released.
 
-Also which cache layers can be compressed at all: transformers' ``DynamicLayer`` and our
-:class:`~kvpress_mm.cache.growing.GrowingLayer`, whose shape is their whole state.
+Also which cache layers can be compressed at all: transformers' ``DynamicLayer``, our
+:class:`~kvpress_mm.cache.growing.GrowingLayer`, whose shape is their whole state, and
+transformers' quantized layers (``QuantizedCache``: quanto, HQQ, fp8), whose kept entries are
+stored quantized (:mod:`kvpress_mm.cache.quantized`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from kvpress_mm.cache import quantized
 from kvpress_mm.cache.growing import GrowingLayer
 from kvpress_mm.errors import UnsupportedCacheError
 from kvpress_mm.ops.plan import CompressionPlan, gather_entries
@@ -24,13 +27,11 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def apply_plan(layer: object, plan: CompressionPlan) -> None:
-    """Replace ``layer.keys`` / ``layer.values`` (``[B, kvH, seq, D]``) by the plan's kept slots.
+def kept_entries(plan: CompressionPlan, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's slots ``[B, kvH, n_slots, D]`` from ``keys`` / ``values``: kept (or merged), fillers zeroed.
 
-    The new tensors own storage of exactly ``n_slots`` entries; filler slots are zeroed.
+    In the dtype of ``keys`` / ``values``; may be views of them.
     """
-    keys: torch.Tensor = layer.keys  # type: ignore[attr-defined]
-    values: torch.Tensor = layer.values  # type: ignore[attr-defined]
     index = plan.kept_indices.to(keys.device)
     new_keys = plan.keys if plan.keys is not None else gather_entries(keys, index)
     new_values = plan.values if plan.values is not None else gather_entries(values, index)
@@ -39,12 +40,37 @@ def apply_plan(layer: object, plan: CompressionPlan) -> None:
         filler = ~slot_valid[:, None, :, None]
         new_keys = new_keys.masked_fill(filler, 0)
         new_values = new_values.masked_fill(filler, 0)
-    layer.keys = _own_storage(new_keys.to(keys.dtype))  # type: ignore[attr-defined]
-    layer.values = _own_storage(new_values.to(values.dtype))  # type: ignore[attr-defined]
+    return new_keys.to(keys.dtype), new_values.to(values.dtype)
+
+
+def apply_plan(
+    layer: object, plan: CompressionPlan, keys: torch.Tensor | None = None, values: torch.Tensor | None = None
+) -> None:
+    """Make the plan's slots the layer's whole content; filler slots are zeroed.
+
+    ``keys`` / ``values`` ``[B, kvH, seq, D]`` are the entries the plan indexes: what the layer's
+    attention call received (the default, ``layer.keys`` / ``layer.values``, is the same thing for
+    a ``DynamicLayer``). A quantized layer holds them only quantized, so they must be given: the
+    kept entries are then quantized from them (:func:`~kvpress_mm.cache.quantized.store`).
+    Otherwise the new tensors own storage of exactly ``n_slots`` entries.
+    """
+    if quantized.is_quantized(layer):
+        if keys is None or values is None:
+            raise ValueError("apply_plan on a quantized cache layer needs the keys and values the plan indexes")
+        quantized.store(layer, *kept_entries(plan, keys, values))
+        return
+    keys = layer.keys if keys is None else keys  # type: ignore[attr-defined]
+    values = layer.values if values is None else values  # type: ignore[attr-defined]
+    assert keys is not None and values is not None
+    new_keys, new_values = kept_entries(plan, keys, values)
+    layer.keys = _own_storage(new_keys)  # type: ignore[attr-defined]
+    layer.values = _own_storage(new_values)  # type: ignore[attr-defined]
 
 
 def kv_bytes(layer: object) -> int:
-    """Bytes held by a cache layer's keys and values."""
+    """Bytes held by a cache layer's keys and values (a quantized layer's store and residual)."""
+    if quantized.is_quantized(layer):
+        return quantized.stored_bytes(layer)
     keys = getattr(layer, "keys", None)
     values = getattr(layer, "values", None)
     total = 0
@@ -55,21 +81,46 @@ def kv_bytes(layer: object) -> int:
 
 
 def compressible(layer: Any) -> bool:
-    """A plain ``DynamicLayer``, or kvpress-mm's :class:`~kvpress_mm.cache.growing.GrowingLayer`."""
-    return type(layer) is DynamicLayer or type(layer) is GrowingLayer
+    """A plain ``DynamicLayer``, kvpress-mm's ``GrowingLayer``, or a supported quantized layer."""
+    return type(layer) is DynamicLayer or type(layer) is GrowingLayer or quantized.quantized_kind(layer) is not None
+
+
+#: How the errors name the caches kvpress-mm compresses, and how to get one.
+SUPPORTED_CACHES = (
+    "compression needs transformers' DynamicCache (the default: leave cache_implementation unset, or pass "
+    "cache=DynamicCache(config=model.config)); for a low-memory cache, use a quantized one: "
+    "cache_implementation='quantized' (quanto or HQQ backend: pip install 'kvpress-mm[quant]'; or "
+    "cache_config={'backend': 'fp8'}), which compression composes with"
+)
 
 
 def unsupported_cache_layer(layer: Any, layer_idx: int) -> UnsupportedCacheError:
     """The error for a cache layer that cannot be compressed, naming what to do instead."""
+    reason = quantized.unsupported_reason(layer)
+    if reason is not None:
+        return UnsupportedCacheError(f"cannot compress the quantized cache layer {layer_idx}: {reason}")
     return UnsupportedCacheError(
-        f"cannot compress a {type(layer).__name__} cache layer (layer {layer_idx}); compression needs "
-        "transformers' DynamicCache: do not set cache_implementation='static' (or quantized/offloaded), "
-        "or pass past_key_values=DynamicCache(config=model.config)"
+        f"cannot compress a {type(layer).__name__} cache layer (layer {layer_idx}; StaticCache: "
+        f"cache_implementation='static' or 'offloaded_static'): {SUPPORTED_CACHES}"
     )
 
 
-def check_cache_layers(cache: Any) -> None:
-    """Refuse, up front, a cache whose (non-sliding) layers are not plain ``DynamicLayer``s (or growing ones)."""
+def check_cache_layers(cache: Any, *, evicts_while_decoding: bool = False, strategy: str = "the strategy") -> None:
+    """Refuse, up front, a cache kvpress-mm cannot compress (or not with ``strategy``).
+
+    Refused: an offloaded cache (``cache_implementation='offloaded'``: its layers move between
+    devices behind the session's back), a cache whose (non-sliding) layers are neither
+    ``DynamicLayer``, ``GrowingLayer`` nor supported quantized layers, and a quanto / HQQ cache
+    when ``strategy`` evicts while decoding
+    (:func:`~kvpress_mm.cache.quantized.check_decode_eviction`).
+    """
+    if getattr(cache, "offloading", False):
+        raise UnsupportedCacheError(
+            "cannot compress an offloaded cache (cache_implementation='offloaded', or a cache built with "
+            f"offloading=True): its layers are moved between devices behind the compressor's back; {SUPPORTED_CACHES}"
+        )
     for layer_idx, layer in enumerate(getattr(cache, "layers", None) or ()):
         if not getattr(layer, "is_sliding", False) and not compressible(layer):
             raise unsupported_cache_layer(layer, layer_idx)
+    if evicts_while_decoding:
+        quantized.check_decode_eviction(cache, strategy)

@@ -48,6 +48,7 @@ from kvpress_mm.session.calls import (
     continuation_call,
     prefill_call,
     refuse_chunked_prefill,
+    require_cache_backend,
 )
 from kvpress_mm.session.decode import attend_compressed
 from kvpress_mm.session.prefill import fused_prefill_attention, plan_layer
@@ -67,6 +68,10 @@ class Strategy(Protocol):
     def acts_while_decoding(self) -> bool:
         """True when :meth:`decode_plan` may change the cache."""
 
+    @property
+    def evicts_while_decoding(self) -> bool:
+        """True when :meth:`decode_plan` may evict entries (refused on quanto / HQQ caches)."""
+
     def plan(self, layer: LayerView) -> CompressionPlan:
         """The layer's plan after its prefill."""
 
@@ -85,7 +90,8 @@ class CompressionReport:
         layers_compressed: decoder layers whose cache was compressed.
         layers_skipped: decoder layers left uncompressed (sliding-window layers).
         kv_bytes_before: bytes of the compressed layers' keys and values right after the
-            prefill, before compression.
+            prefill, before compression (on a quantized cache, what it stores: the prompt as
+            transformers quantized it).
         kv_bytes_after: the same layers' bytes right after compression.
         prompt_lengths: real (non-padding) prompt tokens of each row of the batch.
         n_keep: cache entries each row keeps per layer and KV head (its budget).
@@ -141,7 +147,11 @@ class CompressionSession:
         self._undo: list[Callable[[], None]] = []  # removes the adapter's instrumentation
         self._call: CallInfo | None = None
         self._cache: Any = None
-        self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
+        # per layer: its plan (if any), its state after the call, whether at prefill, and the
+        # keys and values the plan indexes (the attention call's: a quantized layer holds them quantized)
+        self._pending: dict[
+            int, tuple[CompressionPlan | None, LayerState, bool, torch.Tensor | None, torch.Tensor | None]
+        ] = {}
         self._warned_sliding = False
         self._masks = MaskChecks()
         # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
@@ -170,11 +180,14 @@ class CompressionSession:
             adapter.set_attention_implementation(self.model, ATTENTION_PREFIX + original)
             self._original_implementation = original
             self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            # a missing quantized-cache backend raises an ImportError naming the [quant] extra, no-op or not
+            instruments = [require_cache_backend]
             if not self.compressor.is_noop:
-                for instrument in (adapter.instrument, refuse_chunked_prefill):
-                    undo = instrument(self.model)
-                    if undo is not None:
-                        self._undo.append(undo)
+                instruments += [adapter.instrument, refuse_chunked_prefill]
+            for instrument in instruments:
+                undo = instrument(self.model)
+                if undo is not None:
+                    self._undo.append(undo)
             for module in self._modules:
                 self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
@@ -222,8 +235,8 @@ class CompressionSession:
                 self._call = None
                 self.report = _uncompressed_report(tokens, kwargs.get("attention_mask"))
                 return
-            if cache is not None:
-                check_cache_layers(cache)  # before input checks that a static cache's 4-D mask would trip
+            if cache is not None:  # before input checks that a static cache's 4-D mask would trip
+                check_cache_layers(cache, **self._eviction())
             self._call = prefill_call(self._adapter, self.model, inputs, tokens, self.compressor.compression_ratio)
             assert self._call.modality is not None
             lengths = (self._call.modality != Modality.PADDING).sum(-1).tolist()
@@ -234,6 +247,9 @@ class CompressionSession:
                 False, int(tokens.shape[1]), torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             )
             return
+        eviction = self._eviction()
+        if eviction["evicts_while_decoding"]:  # the strategy that compressed the cache may not have evicted
+            check_cache_layers(cache, **eviction)
         self._call = continuation_call(self._adapter, self.model, inputs, tokens, state)
 
     def _before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -245,11 +261,11 @@ class CompressionSession:
         state = state_of(self._cache)
         if pending is None or state is None:
             return
-        plan, layer_state, prefill = pending
+        plan, layer_state, prefill, keys, values = pending
         layer = self._cache.layers[layer_idx]
-        before = kv_bytes(layer)
+        before = kv_bytes(layer) if prefill else 0
         if plan is not None:
-            apply_plan(layer, plan)
+            apply_plan(layer, plan, keys, values)
             layer_state.set_slots(plan.slot_valid)
             if prefill and self._growing_cache:
                 grow_in_place(layer)
@@ -283,8 +299,18 @@ class CompressionSession:
             return attention.run_original(attention.attention_mask)
         decodes = self.compressor.acts_while_decoding
         output, plan = attend_compressed(self.compressor, call, layer_state, attention, decodes)
-        self._pending[attention.layer_idx] = (plan, layer_state, False)
+        if plan is None:  # nothing to apply: hold no reference to the step's keys and values
+            self._pending[attention.layer_idx] = (None, layer_state, False, None, None)
+        else:
+            self._pending[attention.layer_idx] = (plan, layer_state, False, attention.key, attention.value)
         return output
+
+    def _eviction(self) -> dict[str, Any]:
+        """What :func:`~kvpress_mm.cache.surgery.check_cache_layers` needs to know of the strategy."""
+        return {
+            "evicts_while_decoding": bool(self.compressor.evicts_while_decoding),
+            "strategy": type(self.compressor).__name__,
+        }
 
     def _plan_prefill(self, attention: AttentionCall, cache: Any, accumulated: torch.Tensor | None = None) -> None:
         assert self._call is not None
@@ -302,7 +328,7 @@ class CompressionSession:
                 self._warned_sliding = True
             return
         plan, layer_state = plan_layer(self.compressor, self._call, cache, attention, accumulated)
-        self._pending[layer_idx] = (plan, layer_state, True)
+        self._pending[layer_idx] = (plan, layer_state, True, attention.key, attention.value)
 
 
 def _uncompressed_report(tokens: torch.Tensor, mask: Any) -> CompressionReport:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from kvpress_mm.cache.quantized import check_row_method
+
 #: The attribute of a cache object that holds its :class:`CacheState`.
 STATE_ATTRIBUTE = "_kvpress_mm_state"
 
@@ -155,6 +157,7 @@ class FollowRows:
         cache = self._cache()
         if cache is None:  # pragma: no cover - the cache owns this object
             raise ReferenceError("the cache this method belongs to no longer exists")
+        check_row_method(cache, self._name)
         state = state_of(cache)
         nested = state is not None and state.changing_rows
         rows = None if state is None or nested else state.rows_for(self._name, argument)

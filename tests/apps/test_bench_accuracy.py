@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import cache_utils
 
 from kvpress_mm.apps.bench.accuracy import (
     AccuracyResult,
@@ -17,12 +18,14 @@ from kvpress_mm.apps.bench.accuracy import (
     render_markdown,
     run_accuracy_benchmark,
 )
+from kvpress_mm.apps.bench.kv_caches import cache_factory, cache_settings, group_size_for
 from kvpress_mm.apps.reference import encode_prompts, heldout_prompts, load_reference_model
 from kvpress_mm.apps.reference.evaluate import accuracy_by_kind, predict
 from kvpress_mm.apps.reference.questions import answer_batch, answer_logits, split_prompt
 from kvpress_mm.apps.reference.tasks import TASK_KINDS
 from kvpress_mm.compressor import Compressor
 from tests.helpers.cli_fixtures import run_cli
+from tests.helpers.quantized import requires
 
 # commands set torch's thread count for their process: every test gives the test process its own back
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
@@ -183,6 +186,59 @@ def test_bench_accuracy_json_quiet_and_strategy_settings(capsys, tmp_path, refer
     assert data["settings"]["mode"] == "last-token"
     assert [s["window_size"] for s in data["settings"]["strategies"] if s["strategy"] == "snapkv"] == [4]
     assert not (tmp_path / "accuracy.png").exists() and (tmp_path / "accuracy.json").exists()
+
+
+# -- on a quantized cache --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_cache", ["fp8", pytest.param("quanto-2bit", marks=requires("quanto"))])
+def test_a_quantized_cache_changes_the_answers_logits_a_little(model, kv_cache):
+    prompts = [p for p in heldout_prompts(8, 6) if p.kind == "lookup"]
+    settings = cache_settings(kv_cache, model)
+    new_cache = cache_factory(settings, model)
+    assert new_cache is not None
+    for name, ratio in (("full", 0.0), ("snapkv", 0.8)):
+        compressor = Compressor.from_name(name, compression_ratio=ratio)
+        dynamic, kept = answer_logits(model, compressor, prompts)
+        quantized, kept_quantized = answer_logits(model, compressor, prompts, new_cache=new_cache)
+        assert kept_quantized == kept
+        assert not torch.equal(quantized, dynamic)  # the context really was stored quantized
+        torch.testing.assert_close(quantized, dynamic, atol=0.5, rtol=0.1)
+
+
+def test_the_quantized_group_size_divides_the_head_dim(model):
+    assert [group_size_for(d) for d in (24, 64, 128, 96, 16)] == [8, 64, 64, 32, 16]
+    settings = cache_settings("fp8", model)
+    assert settings == {"name": "fp8", "backend": "fp8"}
+    assert cache_settings("dynamic", model) == {"name": "dynamic"} and cache_factory({"name": "dynamic"}, model) is None
+    with pytest.raises(ValueError, match="unknown KV cache 'int4'"):
+        cache_settings("int4", model)
+
+
+@requires("quanto")
+def test_bench_accuracy_on_a_quantized_cache(capsys, tmp_path, reference_checkpoint):
+    code, out, err = run_cli(
+        capsys, "bench", "accuracy", "--model", reference_checkpoint, "--kv-cache", "quanto-4bit",
+        "--strategies", "snapkv,lookm-pivotal", "--ratios", "0.8", "--images", "2", "--contexts", "2",
+        "--output", tmp_path, "--no-plot", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads((tmp_path / "accuracy.json").read_text())
+    head_dim = load_reference_model(reference_checkpoint)[0].config.text_config.head_dim
+    assert data["settings"]["kv_cache"] == {
+        "name": "quanto-4bit", "backend": "quanto", "nbits": 4, "q_group_size": group_size_for(head_dim)
+    }  # fmt: skip
+    assert {(c["strategy"], c["compression_ratio"]) for c in data["cells"]} == {
+        ("full", 0.0), ("snapkv", 0.8), ("lookm-pivotal", 0.8)
+    }  # fmt: skip
+    assert "on a quanto 4-bit quantized cache" in out
+
+
+def test_bench_accuracy_on_a_quantized_cache_without_the_extra_names_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_utils, "is_optimum_quanto_available", lambda: False)
+    code, out, err = run_cli(capsys, "bench", "accuracy", "--kv-cache", "quanto-4bit", "--output", tmp_path, "--quiet")
+    assert code == 1 and out == ""
+    assert "needs optimum-quanto" in err and "pip install 'kvpress-mm[quant]'" in err
 
 
 @pytest.mark.parametrize(

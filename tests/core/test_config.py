@@ -11,7 +11,7 @@ import pydantic
 import pytest
 import torch
 
-from kvpress_mm import Compressor, ScoredCompressor
+from kvpress_mm import CompressionPlan, Compressor, DecodeView, LayerView, ScoredCompressor
 from kvpress_mm.errors import UnknownStrategyError
 from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV, reset_registry
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
@@ -248,3 +248,20 @@ def test_a_scored_subclass_is_a_validated_config() -> None:
     with pytest.raises(pydantic.ValidationError) as caught:
         Norm(compression_ratio=1.0)
     assert_names_field(caught.value, "compression_ratio")
+
+
+def test_which_strategies_evict_while_decoding() -> None:
+    """A quanto / HQQ cache refuses exactly these (each eviction would re-quantize the cache)."""
+    evicting = {name for name in BUILTIN_STRATEGIES if Compressor.from_name(name).evicts_while_decoding}
+    assert evicting == {"h2o"}
+    assert not Compressor.from_name("h2o", decode_eviction=False).evicts_while_decoding
+    assert not Compressor.from_name("h2o", compression_ratio=0.0).evicts_while_decoding  # a no-op never evicts
+
+    class EvictsAlways(ScoredCompressor):
+        def score(self, layer: LayerView) -> torch.Tensor:
+            return layer.keys.float().norm(dim=-1)
+
+        def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
+            return None
+
+    assert EvictsAlways().evicts_while_decoding  # by default: the class overrides decode_plan

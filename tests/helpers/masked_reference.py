@@ -50,6 +50,8 @@ class AppliedPlan:
     merged: bool
     length_before: int
     length_after: int
+    keys: torch.Tensor | None = None  # the plan's merged keys / values (LOOK-M merges), if any
+    values: torch.Tensor | None = None
 
 
 class PlanRecorder:
@@ -65,9 +67,9 @@ class PlanRecorder:
         original = cache_surgery.apply_plan
         assert session_module.apply_plan is original, "the session no longer applies plans through apply_plan"
 
-        def recording_apply_plan(layer: Any, plan: Any) -> None:
-            before = int(layer.keys.shape[-2])
-            original(layer, plan)
+        def recording_apply_plan(layer: Any, plan: Any, *source: Any) -> None:
+            before = int(layer.get_seq_length())
+            original(layer, plan, *source)
             self.applied.append(
                 AppliedPlan(
                     layer=layer,
@@ -75,7 +77,9 @@ class PlanRecorder:
                     slot_valid=plan.slot_valid.detach().clone(),
                     merged=plan.keys is not None or plan.values is not None,
                     length_before=before,
-                    length_after=int(layer.keys.shape[-2]),
+                    length_after=int(layer.get_seq_length()),
+                    keys=plan.keys,
+                    values=plan.values,
                 )
             )
 

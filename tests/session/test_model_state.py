@@ -7,17 +7,20 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, cache_utils
+from transformers.cache_utils import DynamicCache
 
 import kvpress_mm.session.context as session_module
 from kvpress_mm import Compressor
 from kvpress_mm.errors import (
     CompressorAlreadyActiveError,
     InvalidInputError,
+    MissingDependencyError,
     UnsupportedCacheError,
     UnsupportedModelError,
 )
 from tests.helpers.masked_reference import cache_of
+from tests.helpers.quantized import INSTALL, backend_available, generate_options
 from tests.helpers.tiny_models import (
     FAMILIES,
     assert_same_model_state,
@@ -63,7 +66,7 @@ def _raise_mid_generation(model: torch.nn.Module) -> None:
 
 
 def _raise_in_cache_surgery(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(layer: Any, plan: Any) -> None:
+    def broken(layer: Any, plan: Any, *source: Any) -> None:
         raise BoomError("raised while applying a plan")
 
     monkeypatch.setattr(session_module, "apply_plan", broken)
@@ -80,8 +83,28 @@ def _right_padded(model: torch.nn.Module) -> None:
 
 
 def _static_cache(model: torch.nn.Module) -> None:
-    with pytest.raises(UnsupportedCacheError, match="DynamicCache"):
+    # the message names the caches that work, quantized ones (the low-memory option) included
+    with pytest.raises(UnsupportedCacheError, match=r"StaticLayer .*DynamicCache.*cache_implementation='quantized'"):
         generate(model, prompt(24), max_new_tokens=3, cache_implementation="static")
+
+
+def _offloaded_cache(model: torch.nn.Module) -> None:
+    cache = DynamicCache(config=model.config, offloading=True)
+    with pytest.raises(UnsupportedCacheError, match=r"offloaded cache .*cache_implementation='quantized'"):
+        generate(model, prompt(24), max_new_tokens=3, cache=cache)
+
+
+def _quantized_cache_evicting_while_decoding(model: torch.nn.Module) -> None:
+    if not backend_available("quanto"):
+        pytest.skip(f"optimum-quanto is not installed: {INSTALL}")
+    with pytest.raises(UnsupportedCacheError, match="decode_eviction=False"):  # h2o evicts while decoding
+        generate(model, prompt(24), max_new_tokens=3, **generate_options("quanto-4bit"))
+
+
+def _quantized_cache_extra_missing(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_utils, "is_optimum_quanto_available", lambda: False)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'kvpress-mm\[quant\]'"):
+        generate(model, prompt(24), max_new_tokens=3, cache_implementation="quantized")
 
 
 def _beam_search(model: torch.nn.Module) -> None:
@@ -101,7 +124,12 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "raise-in-cache-surgery": _raise_in_cache_surgery,
     "right-padded-input": _right_padded,
     "static-cache": _static_cache,
+    "offloaded-cache": _offloaded_cache,
+    "quantized-cache-evicting-while-decoding": _quantized_cache_evicting_while_decoding,
+    "quantized-cache-extra-missing": _quantized_cache_extra_missing,
 }
+#: The scenarios that patch something (undone before the model is checked).
+PATCHING = ("raise-in-cache-surgery", "quantized-cache-extra-missing")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -117,7 +145,7 @@ def test_model_left_as_found(scenario: str, impl: str, monkeypatch: pytest.Monke
         # the session is really installed (so the checks below are not vacuous)
         assert hook_count(model) > 0
         assert model.config._attn_implementation == f"kvpress_mm_{impl}"
-        if scenario == "raise-in-cache-surgery":
+        if scenario in PATCHING:
             run(model, monkeypatch)
         else:
             run(model)

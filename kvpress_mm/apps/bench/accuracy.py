@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvpress_mm.apps.bench.kv_caches import cache_factory, cache_settings
 from kvpress_mm.apps.reference.questions import MODES, answer_batch
 from kvpress_mm.apps.reference.render import word_ids
 from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, TASK_KINDS, heldout_prompts
@@ -149,6 +150,7 @@ def run_accuracy_benchmark(
     seed: int = HELDOUT_SEED,
     progress: bool = True,
     on_cell: Callable[[AccuracyCell], None] | None = None,
+    kv_cache: str = "dynamic",
 ) -> AccuracyResult:
     """Measure accuracy per task kind x strategy x ratio on fixed held-out prompts.
 
@@ -169,6 +171,13 @@ def run_accuracy_benchmark(
         seed: seed of the held-out sets.
         progress: show a tqdm progress bar on stderr.
         on_cell: called with each cell as soon as it is measured.
+        kv_cache: the cache the contexts are prefilled into, one of
+            :data:`~kvpress_mm.apps.bench.kv_caches.KV_CACHES`: ``"dynamic"`` (transformers'
+            ``DynamicCache``) or a quantized cache (``"quanto-4bit"``, ...); every arm, ``full``
+            included, runs on it, so ``full`` measures the quantized cache alone.
+
+    Raises:
+        MissingDependencyError: ``kv_cache`` needs the ``[quant]`` extra, which is not installed.
 
     """
     if mode not in MODES:
@@ -180,6 +189,8 @@ def run_accuracy_benchmark(
         source = describe_checkpoint(checkpoint)
     else:
         source = f"{type(model).__name__} (given)"
+    cache = cache_settings(kv_cache, model)
+    new_cache = cache_factory(cache, model)
     configs: dict[str, dict[str, Any]] = {**DEFAULT_STRATEGY_CONFIGS}
     for name, extra in (strategy_configs or {}).items():
         configs[name] = {**configs.get(name, {}), **extra}
@@ -206,6 +217,7 @@ def run_accuracy_benchmark(
             "batch_size": batch_size,
             "seed": seed,
             "kinds": list(TASK_KINDS),
+            "kv_cache": cache,
         }
     )
     start = time.monotonic()
@@ -217,7 +229,7 @@ def run_accuracy_benchmark(
                     correct, kept_sum = 0, 0.0
                     for s in range(0, len(group), batch_size):
                         chunk = group[s : s + batch_size]
-                        predicted, kept = answer_batch(model, compressors[arm], chunk, mode)
+                        predicted, kept = answer_batch(model, compressors[arm], chunk, mode, new_cache)
                         correct += sum(t == ids[p.answer] for t, p in zip(predicted, chunk))
                         kept_sum += kept * len(chunk)
                         bar.update(len(chunk))
@@ -299,9 +311,11 @@ def plot(result: AccuracyResult, path: str | Path) -> Path:
 def render_markdown(result: AccuracyResult) -> str:
     """The pooled table, then one table per image count, with a line on what was run."""
     counts = sorted({c.n_images for c in result.cells})
+    cache = result.settings.get("kv_cache", {"name": "dynamic"})
+    on_cache = "" if cache["name"] == "dynamic" else f", on a {_describe_cache(cache)}"
     parts = [
         f"Accuracy on held-out prompts ({result.settings.get('contexts')} per task kind and image count, "
-        f"mode {result.settings.get('mode')}), images {'+'.join(map(str, counts))} pooled:",
+        f"mode {result.settings.get('mode')}{on_cache}), images {'+'.join(map(str, counts))} pooled:",
         "",
         format_table(result),
     ]
@@ -309,3 +323,10 @@ def render_markdown(result: AccuracyResult) -> str:
         for n in counts:
             parts += ["", f"{n} images:", "", format_table(result, n)]
     return "\n".join(parts)
+
+
+def _describe_cache(cache: dict[str, Any]) -> str:
+    """``quanto 4-bit quantized cache (q_group_size 8)``, from the settings :func:`cache_settings` recorded."""
+    if cache["backend"] == "fp8":
+        return "fp8 quantized cache"
+    return f"{cache['backend']} {cache['nbits']}-bit quantized cache (q_group_size {cache['q_group_size']})"

@@ -20,6 +20,7 @@ from kvpress_mm.apps.bench.accuracy import (
     render_markdown,
     run_accuracy_benchmark,
 )
+from kvpress_mm.apps.bench.kv_caches import KV_CACHES
 from kvpress_mm.apps.cli.parsers import (
     FORMATTER,
     PROG,
@@ -31,6 +32,7 @@ from kvpress_mm.apps.cli.parsers import (
     strategy_setting,
 )
 from kvpress_mm.apps.reference.questions import MODES
+from kvpress_mm.cache.quantized import require_backend_package
 from kvpress_mm.compressor import Compressor
 from kvpress_mm.errors import UsageError
 
@@ -53,6 +55,8 @@ examples:
   {COMMAND} --images 8 --contexts 16 --quiet         a fast run
   {COMMAND} --mode last-token                        compress all but the last token (question-aware)
   {COMMAND} --set snapkv.window_size=16              override a strategy's config
+  {COMMAND} --kv-cache quanto-4bit --strategies snapkv,lookm-pivotal --ratios 0.8
+                                                     on a 4-bit quantized cache (full: quantization alone)
   {COMMAND} --model ./my-checkpoint --json           another reference checkpoint; JSON on stdout
 """
 
@@ -126,6 +130,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where accuracy.json, accuracy.md and accuracy.png go (default: accuracy-results)",
     )
+    parser.add_argument(
+        "--kv-cache",
+        choices=list(KV_CACHES),
+        default="dynamic",
+        help="the cache every arm runs on: transformers' DynamicCache (default) or a QuantizedCache (quanto / hqq "
+        "need pip install 'kvpress-mm[quant]'; fp8 needs nothing); 'full' then measures quantization alone",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not draw accuracy.png")
     parser.add_argument("--json", action="store_true", help="print the JSON result on stdout instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress messages or bars (errors still print)")
@@ -158,6 +169,7 @@ def command(args: argparse.Namespace) -> int:
     for name in names:  # fail fast on unknown names and invalid configs, before loading anything
         overrides = {**DEFAULT_STRATEGY_CONFIGS.get(name, {}), **configs.get(name, {})}
         Compressor.from_name(name, compression_ratio=0.0 if name == "full" else ratios[0], **overrides)
+    require_backend_package(KV_CACHES[args.kv_cache].get("backend", "none"))  # before loading anything
     directory = Path(reference_dir(args.model)) if args.model else require_checkpoint()
     model, processor = load_reference_model(directory)
     if not has_task_vocabulary(processor.tokenizer):
@@ -172,6 +184,7 @@ def command(args: argparse.Namespace) -> int:
         strategy_configs=configs,
         model=model,
         progress=not args.quiet,
+        kv_cache=args.kv_cache,
     )
     result.settings["model"] = describe_checkpoint(directory)
     tables = render_markdown(result)

@@ -12,7 +12,7 @@ prompt before the cache is compressed.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ def answer_logits(
     compressor: Compressor,
     prompts: Sequence[TaskPrompt],
     mode: str = "question",
+    new_cache: Callable[[], Any] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Next-token logits ``[B, vocab]`` after each prompt with a compressed cache, and the mean kept fraction.
 
@@ -47,6 +48,8 @@ def answer_logits(
     left-padded and prefilled in one call under ``compressor``, with positions counted over each
     row's real tokens (as ``generate`` counts them); the tails then run in one call on the
     compressed cache with the whole conversation's attention mask and each row's next positions.
+    ``new_cache`` builds the cache the heads are prefilled into (e.g. a ``QuantizedCache``);
+    default: the model's own (a ``DynamicCache``).
     """
     heads, tails = zip(*(split_prompt(p, mode) for p in prompts))
     if len({len(t) for t in tails}) != 1:
@@ -66,6 +69,7 @@ def answer_logits(
     # by the row's padding and the tail's would not: RoPE distances across the split would be wrong)
     head_positions = (mask.cumsum(-1) - 1).clamp(min=0)
     device = next(model.parameters()).device
+    given = {} if new_cache is None else {_cache_argument(model): new_cache()}
     with compressor(model) as session:
         out = model(
             input_ids=input_ids.to(device),
@@ -73,6 +77,7 @@ def answer_logits(
             position_ids=head_positions.to(device),
             pixel_values=images.to(device),
             use_cache=True,
+            **given,
         )
         kept = sum(session.report.n_keep) / max(1, sum(session.report.prompt_lengths))
         n_tail = tail_ids.shape[1]
@@ -94,12 +99,13 @@ def answer_batch(
     compressor: Compressor,
     prompts: Sequence[TaskPrompt],
     mode: str = "question",
+    new_cache: Callable[[], Any] | None = None,
 ) -> tuple[list[int], float]:
     """Greedy answer token of each prompt with a compressed cache, and the mean kept fraction.
 
     See :func:`answer_logits`: the prompts must share one task kind.
     """
-    logits, kept = answer_logits(model, compressor, prompts, mode)
+    logits, kept = answer_logits(model, compressor, prompts, mode, new_cache)
     return logits.argmax(-1).tolist(), kept
 
 
