@@ -76,6 +76,20 @@ class Compressor(BaseModel):
         return type(self).decode_plan is not Compressor.decode_plan
 
     @property
+    def evicts_while_decoding(self) -> bool:
+        """True when :meth:`decode_plan` may evict entries (default: whenever the class overrides it).
+
+        Entries evicted after a decode step are chosen with the attention of tokens a caller may
+        still take back: assisted (speculative) decoding verifies drafted tokens and then removes
+        the rejected ones with ``cache.crop``, which cannot bring back what the strategy evicted
+        in their presence. Such a strategy cannot be rolled back, so assisted decoding and
+        ``crop`` on its caches are refused with a clear error before anything runs. A strategy
+        whose ``decode_plan`` evicts only under some option returns that option (``h2o``:
+        ``decode_eviction``); plugins override this property the same way.
+        """
+        return self.acts_while_decoding
+
+    @property
     def name(self) -> str:
         """The name this strategy class is registered under."""
         return strategy_name(type(self))

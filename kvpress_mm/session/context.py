@@ -42,14 +42,9 @@ from kvpress_mm.session.attention import (
     MaskChecks,
     register_attention_functions,
 )
-from kvpress_mm.session.calls import (
-    CallInfo,
-    call_tokens,
-    continuation_call,
-    prefill_call,
-    refuse_chunked_prefill,
-)
+from kvpress_mm.session.calls import CallInfo, call_tokens, continuation_call, prefill_call
 from kvpress_mm.session.decode import attend_compressed
+from kvpress_mm.session.generation import Drafting, instrument_generate
 from kvpress_mm.session.prefill import fused_prefill_attention, plan_layer
 from kvpress_mm.session.state import LayerState, state_of
 
@@ -66,6 +61,10 @@ class Strategy(Protocol):
     @property
     def acts_while_decoding(self) -> bool:
         """True when :meth:`decode_plan` may change the cache."""
+
+    @property
+    def evicts_while_decoding(self) -> bool:
+        """True when :meth:`decode_plan` may evict entries (its caches cannot be rolled back)."""
 
     def plan(self, layer: LayerView) -> CompressionPlan:
         """The layer's plan after its prefill."""
@@ -144,6 +143,7 @@ class CompressionSession:
         self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
         self._warned_sliding = False
         self._masks = MaskChecks()
+        self._drafting = Drafting()  # an assistant model's prefill is in progress
         # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
         self._growing_cache = growing_cache
 
@@ -171,8 +171,10 @@ class CompressionSession:
             self._original_implementation = original
             self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
             if not self.compressor.is_noop:
-                for instrument in (adapter.instrument, refuse_chunked_prefill):
-                    undo = instrument(self.model)
+                for undo in (
+                    adapter.instrument(self.model),
+                    instrument_generate(self.model, self.compressor, self._drafting),
+                ):
                     if undo is not None:
                         self._undo.append(undo)
             for module in self._modules:
@@ -224,7 +226,9 @@ class CompressionSession:
                 return
             if cache is not None:
                 check_cache_layers(cache)  # before input checks that a static cache's 4-D mask would trip
-            self._call = prefill_call(self._adapter, self.model, inputs, tokens, self.compressor.compression_ratio)
+            ratio = self.compressor.compression_ratio
+            validate = not self._drafting.active  # an assistant's placeholders come without images
+            self._call = prefill_call(self._adapter, self.model, inputs, tokens, ratio, validate=validate)
             assert self._call.modality is not None
             lengths = (self._call.modality != Modality.PADDING).sum(-1).tolist()
             self.report = CompressionReport(prompt_lengths=tuple(int(n) for n in lengths), n_keep=self._call.n_keep)

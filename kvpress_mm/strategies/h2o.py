@@ -42,6 +42,11 @@ class H2O(ScoredCompressor):
     window_size: int | None = Field(default=None, ge=0, description="Recent entries kept; None = n_keep // 2.")
     decode_eviction: bool = Field(default=True, description="Evict one entry per decode step (constant size).")
 
+    @property
+    def evicts_while_decoding(self) -> bool:
+        """Only with ``decode_eviction``: without it nothing is evicted after the prefill."""
+        return self.decode_eviction
+
     def protected_window(self, n_keep: int) -> int:
         """``window_size``, or half the budget."""
         return half_budget_window(self.window_size, n_keep)
