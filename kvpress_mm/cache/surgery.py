@@ -64,7 +64,7 @@ def unsupported_cache_layer(layer: Any, layer_idx: int) -> UnsupportedCacheError
     return UnsupportedCacheError(
         f"cannot compress a {type(layer).__name__} cache layer (layer {layer_idx}); compression needs "
         "transformers' DynamicCache: do not set cache_implementation='static' (or quantized/offloaded), "
-        "or pass past_key_values=DynamicCache(config=model.config)"
+        "or pass cache=DynamicCache(config=model.config)"
     )
 
 

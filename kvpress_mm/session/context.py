@@ -216,7 +216,7 @@ class CompressionSession:
         self._pending.clear()  # plans of a call that raised must never reach the next one
         self._masks.clear()
         tokens, inputs = call_tokens(args, kwargs)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the old name: remote-code models
         state = state_of(cache)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if state is None and past == 0:

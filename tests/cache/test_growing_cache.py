@@ -240,7 +240,7 @@ def test_compressed_generate_is_identical_with_and_without_growing_layers(name: 
     for growing in (False, True):
         with compressor(model, growing_cache=growing) as session:
             out = generate(model, ids, max_new_tokens=140)  # beyond the headroom: the layers grow
-        outputs[growing], caches[growing] = out, out.past_key_values
+        outputs[growing], caches[growing] = out, out.cache
         assert session.report.layers_compressed == 2
     assert torch.equal(_logits(outputs[False]), _logits(outputs[True]))
     assert torch.equal(outputs[False].sequences, outputs[True].sequences)
@@ -259,7 +259,7 @@ def test_report_counts_the_kept_entries_not_the_headroom() -> None:
     ids = prompt(100)
     with Compressor.from_name("snapkv", compression_ratio=0.5, window_size=8)(model) as session:
         out = generate(model, ids, max_new_tokens=3)  # two decode steps: the first adds the headroom
-    layer = out.past_key_values.layers[0]
+    layer = out.cache.layers[0]
     entry_bytes = 2 * 2 * 16 * 4  # keys and values, 2 KV heads, head_dim 16, float32
     assert session.report.kv_bytes_after == 2 * 50 * entry_bytes
     assert layer.allocated_bytes() == (50 + 1 + 128) * entry_bytes
