@@ -46,6 +46,9 @@ TRANSFORMERS_OWN_WARNINGS: tuple[str, ...] = (
     # assisted decoding: transformers' candidate generator calls the assistant's generate with both a
     # generation config and generation arguments (candidate_generator.py), on every round
     r"^Passing `generation_config` together with generation-related arguments",
+    # assisted decoding: the candidate generator hands the assistant's generate the target's logits
+    # processors and a copy of its generation config, from which generate builds the same ones again
+    r"^A custom logits processor of type .* has been passed to `\.generate\(\)`, but it was also created",
 )
 
 
