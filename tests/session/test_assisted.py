@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import tests.helpers.tiny_qwen_vlms as qwen
-from kvpress_mm import Compressor
+from kvpress_mm import CompressionPlan, Compressor, DecodeView, LayerView, ScoredCompressor
 from kvpress_mm.errors import InvalidInputError
 from tests.helpers import tiny_models
 from tests.helpers.tiny_models import hook_count
@@ -293,3 +293,31 @@ def test_a_batch_of_several_rows_gets_transformers_own_refusal() -> None:
     with _compressor("snapkv")(model), pytest.raises(ValueError, match="batch_size = 1") as error:
         _generate(model, batch, assistant_model=_assistant("llava"))
     assert not isinstance(error.value, InvalidInputError)
+
+
+class _EvictsSometimes(ScoredCompressor):
+    """A plugin-like strategy with a decode step: it must declare whether that step evicts."""
+
+    declared: bool = True
+
+    def score(self, layer: LayerView) -> torch.Tensor:
+        return -layer.keys.float().norm(dim=-1)
+
+    def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
+        return None
+
+    @property
+    def evicts_while_decoding(self) -> bool:
+        return self.declared
+
+
+def test_a_plugin_declares_whether_its_decode_step_evicts() -> None:
+    model, inputs = _target("llava"), _inputs("llava")
+    assert _EvictsSometimes().acts_while_decoding and _EvictsSometimes().evicts_while_decoding
+    with _EvictsSometimes(compression_ratio=0.5)(model), pytest.raises(InvalidInputError) as error:
+        _generate(model, inputs, prompt_lookup_num_tokens=3)
+    assert "does not evict while decoding (evicts_while_decoding is False)" in str(error.value)
+    compressor = _EvictsSometimes(compression_ratio=0.5, declared=False)
+    reference = _greedy(model, inputs, compressor)
+    with compressor(model):
+        assert torch.equal(_generate(model, inputs, assistant_model=_assistant("llava")), reference)
