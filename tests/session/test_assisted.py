@@ -124,9 +124,15 @@ def _greedy(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compressor:
 # -- the same tokens as the compressed greedy run ------------------------------------------------
 
 
+#: every strategy on the vision-language models; two on the text model
+MATRIX = [(kind, case) for kind in ("llava", "qwen2_vl") for case in STRATEGIES] + [
+    ("llama", "snapkv"),
+    ("llama", "h2o-prefill-only"),
+]
+
+
 @pytest.mark.parametrize("drafter", ["assistant", "prompt-lookup"])
-@pytest.mark.parametrize("case", list(STRATEGIES))
-@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "llama"])
+@pytest.mark.parametrize(("kind", "case"), MATRIX)
 def test_assisted_decoding_gives_the_compressed_greedy_tokens(
     kind: str, case: str, drafter: str, crops: list[int]
 ) -> None:
