@@ -80,18 +80,39 @@ def whole_history_cut(input_ids: Any, model_kwargs: dict[str, Any], generation_c
     ``generate`` treats ``input_ids`` as the whole conversation when they are as long as the 2-D
     attention mask (or, with the mask dropped, as the mask it recorded), and then feeds the
     tokens after ``cache.get_seq_length()`` - on a compressed cache, tokens it has already seen.
-    The right cut is at the columns the cache has seen.
+    The right cut is at the columns the cache has seen. (An ``inputs_embeds`` continuation is
+    left alone: the model pre-hook refuses it.)
     """
     state = state_of(model_kwargs.get("cache"))
-    if state is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+    if state is None or not _is_whole_history(input_ids, model_kwargs, generation_config):
         return None
-    if model_kwargs.get("inputs_embeds") is not None:
-        return None  # an inputs_embeds continuation is checked (and refused) by the model pre-hook
+    return state.seen_columns if input_ids.shape[1] > state.seen_columns else None
+
+
+def drop_rejected_drafts(input_ids: Any, model_kwargs: dict[str, Any], generation_config: Any) -> None:
+    """Crop an assistant's compressed cache back to the accepted conversation, if it still holds rejected drafts.
+
+    Each round, an assistant is re-fed the target's accepted tokens: the columns its cache saw
+    beyond ``input_ids[:, :-1]`` are drafts the target rejected. transformers crops them before
+    the call, but before 5.25 it measured how many with ``cache.get_seq_length()`` - the
+    compressed length, so it crops too few (or none). Removing the rest here is what it meant.
+    """
+    cache: Any = model_kwargs.get("cache")
+    state = state_of(cache)
+    if state is None or not _is_whole_history(input_ids, model_kwargs, generation_config):
+        return
+    excess = state.seen_columns - (int(input_ids.shape[1]) - 1)
+    if excess > 0:
+        cache.crop(-excess)
+
+
+def _is_whole_history(input_ids: Any, model_kwargs: dict[str, Any], generation_config: Any) -> bool:
+    """``input_ids`` are as long as the conversation's mask: ``generate`` reads them as the whole conversation."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or model_kwargs.get("inputs_embeds") is not None:
+        return False
     mask = model_kwargs.get("attention_mask")
     mask_length = mask.shape[1] if isinstance(mask, torch.Tensor) else getattr(generation_config, "_mask_length", -1)
-    if mask_length == input_ids.shape[1] and input_ids.shape[1] > state.seen_columns:
-        return state.seen_columns
-    return None
+    return bool(mask_length == input_ids.shape[1])
 
 
 def _stand_in_prefill(model: nn.Module, strategy: Any, drafting: Drafting) -> Callable[[], None] | None:
@@ -116,6 +137,8 @@ def _stand_in_prefill(model: nn.Module, strategy: Any, drafting: Drafting) -> Ca
             raise InvalidInputError(f"this assistant model cannot draft under compression: {refusal}")
         model_kwargs = bound.get("model_kwargs")
         if isinstance(model_kwargs, dict):
+            if assistant:
+                drop_rejected_drafts(bound.get("input_ids"), model_kwargs, config)
             cut = whole_history_cut(bound.get("input_ids"), model_kwargs, config)
             if cut is not None:
                 bound["input_ids"] = bound["input_ids"][:, cut:]
