@@ -9,6 +9,7 @@ with compressor(model):
 ```
 """
 
+from kvpress_mm.cache.fork import fork_cache
 from kvpress_mm.compressor import Compressor, ScoredCompressor
 from kvpress_mm.hookspecs import hookimpl
 from kvpress_mm.modality import Modality
@@ -29,6 +30,7 @@ __all__ = [
     "Modality",
     "ScoredCompressor",
     "__version__",
+    "fork_cache",
     "hookimpl",
     "list_strategies",
 ]

@@ -79,10 +79,16 @@ class Compressor(BaseModel):
     def evicts_while_decoding(self) -> bool:
         """True when :meth:`decode_plan` may evict entries while decoding.
 
-        Default: the class overrides :meth:`decode_plan` and the strategy is not a no-op. A quanto
-        / HQQ ``QuantizedCache`` refuses such a strategy before the first token (each eviction
-        would re-quantize the whole cache); a strategy whose ``decode_plan`` can be turned off by
-        its config overrides this property (``h2o``: ``decode_eviction``).
+        Default: the class overrides :meth:`decode_plan` and the strategy is not a no-op. A strategy
+        whose ``decode_plan`` evicts only under some option returns that option (``h2o``:
+        ``decode_eviction``); plugins override this property the same way. Two features refuse
+        such a strategy before the first token:
+
+        - assisted (speculative) decoding and ``cache.crop``: entries evicted after a decode step
+          are chosen with the attention of tokens a caller may still take back (assisted decoding
+          removes rejected drafts with ``cache.crop``, which cannot bring back what was evicted in
+          their presence);
+        - a quanto / HQQ ``QuantizedCache``: each eviction would re-quantize the whole cache.
         """
         return not self.is_noop and type(self).decode_plan is not Compressor.decode_plan
 

@@ -264,7 +264,16 @@ class QwenVLAdapter(VisionLanguageAdapter):
         brought += [f"mm_encoder_outputs[{k!r}]" for k in ("image", "video") if has_encoder_outputs(inputs, k)]
         # (placeholder ids in input_ids are not checked: a generated token may be one; generate marks it as text)
         types = inputs.get("mm_token_type_ids")
-        if isinstance(types, torch.Tensor) and types.shape[-1] == new_valid.shape[-1] and bool((types != 0).any()):
+        position_ids = inputs.get("position_ids")
+        # mm_token_type_ids only matter when the model derives positions from them: with explicit position_ids
+        # (checked below against the prompt's delta) it never reads them, and assisted decoding passes stale
+        # slices of them (the types of earlier tokens, an image's when the prompt ends with one)
+        if (
+            not isinstance(position_ids, torch.Tensor)
+            and isinstance(types, torch.Tensor)
+            and types.shape[-1] == new_valid.shape[-1]
+            and bool((types != 0).any())
+        ):
             brought.append("image/video entries in mm_token_type_ids")
         if brought:
             raise InvalidInputError(
@@ -273,7 +282,6 @@ class QwenVLAdapter(VisionLanguageAdapter):
                 "Continue with text only (pass mm_token_type_ids only for the new tokens, or none), or start a "
                 "new prompt with all the images"
             )
-        position_ids = inputs.get("position_ids")
         if not isinstance(position_ids, torch.Tensor):
             raise InvalidInputError(
                 "a call on a compressed Qwen-VL cache needs explicit position_ids: the positions the model would "

@@ -92,10 +92,7 @@ class _ForceTokens:
 
 
 def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    if cache is None:
-        cache = getattr(output, "past_key_values", None)
-    return cache
+    return getattr(output, "cache", None)
 
 
 def _cache_layers(cache: Any) -> list[Any]:

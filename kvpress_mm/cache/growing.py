@@ -16,6 +16,12 @@ masks, ``get_seq_length`` and every transformers cache method see the same thing
 the buffer when it fits and is not oversized, and reallocates otherwise, so shrinking a
 cache still releases its memory.
 
+Buffers can be *shared* between layers (:meth:`GrowingLayer.share_buffers`, what
+:func:`kvpress_mm.fork_cache` does for a compressed context asked several questions): a shared
+buffer is copy-on-write - the first append or assignment that would write into it allocates the
+layer its own buffer first, so no layer ever writes what another reads. ``copy.deepcopy`` copies
+only the filled part of the buffers (no headroom).
+
 The compressor session moves every layer it compresses into a ``GrowingLayer`` whose storage is
 exactly the kept entries; the first decode step reallocates once with a little headroom
 (``compressor(model, growing_cache=False)`` keeps ``DynamicLayer``); for an
@@ -31,6 +37,7 @@ out = model.generate(**inputs, max_new_tokens=64, cache=cache)
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -84,6 +91,9 @@ class GrowingLayer(DynamicLayer):
         self._value_length = 0
         self._empty: torch.Tensor | None = None  # what `keys` is once initialized and still empty
         self._base = 0  # entries adopted at construction: growth is geometric in the entries beyond them
+        # copy-on-write: the buffer is shared with another layer, never written in place (share_buffers)
+        self._key_shared = False
+        self._value_shared = False
 
     # -- construction --------------------------------------------------------------------
 
@@ -148,7 +158,9 @@ class GrowingLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, tensor: torch.Tensor | None) -> None:
-        self._key_buffer, self._key_length = self._store(self._key_buffer, tensor, count=True)
+        buffer = self._key_buffer
+        self._key_buffer, self._key_length = self._store(buffer, tensor, count=True, shared=self._key_shared)
+        self._key_shared = self._key_shared and self._key_buffer is buffer
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -159,7 +171,9 @@ class GrowingLayer(DynamicLayer):
 
     @values.setter
     def values(self, tensor: torch.Tensor | None) -> None:
-        self._value_buffer, self._value_length = self._store(self._value_buffer, tensor, count=False)
+        buffer = self._value_buffer
+        self._value_buffer, self._value_length = self._store(buffer, tensor, count=False, shared=self._value_shared)
+        self._value_shared = self._value_shared and self._value_buffer is buffer
 
     @property
     def capacity(self) -> int:
@@ -170,6 +184,40 @@ class GrowingLayer(DynamicLayer):
         """Bytes of the key and value buffers (filled part and headroom)."""
         return sum(b.numel() * b.element_size() for b in (self._key_buffer, self._value_buffer) if b is not None)
 
+    @property
+    def buffers(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The key and value buffers ``[batch, kv_heads, capacity, head_dim]`` (``None`` before the first update)."""
+        return self._key_buffer, self._value_buffer
+
+    @property
+    def shares_buffers(self) -> bool:
+        """True while a buffer may be shared with another layer (copy-on-write, see :meth:`share_buffers`)."""
+        return self._key_shared or self._value_shared
+
+    def share_buffers(self) -> None:
+        """Declare the buffers shared with another layer: from now on this layer never writes into them.
+
+        The next append (or assignment that would copy into a buffer) allocates the layer its own
+        buffer first, of the size the append needs plus headroom. Reading costs nothing extra;
+        until then both layers hold one copy of the entries. Call it on every layer that holds
+        the buffers (:func:`kvpress_mm.fork_cache` does).
+        """
+        self._key_shared = self._key_buffer is not None
+        self._value_shared = self._value_buffer is not None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GrowingLayer:
+        """A copy holding only the filled part of the buffers (buffers already in ``memo`` are shared as they are)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in vars(self).items():
+            if name in ("_key_buffer", "_value_buffer") and isinstance(value, torch.Tensor) and id(value) not in memo:
+                length = self._key_length if name == "_key_buffer" else self._value_length
+                value = value[:, :, :length].clone()  # the filled part only, own storage
+            else:
+                value = copy.deepcopy(value, memo)
+            setattr(copied, name, value)
+        return copied
+
     # -- DynamicLayer's contract ----------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -178,6 +226,7 @@ class GrowingLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = None
         self._key_length = self._value_length = 0
         self._empty = torch.tensor([], dtype=key_states.dtype, device=self.device)
+        self._key_shared = self._value_shared = False
         self.is_initialized = True
 
     def update(
@@ -186,10 +235,13 @@ class GrowingLayer(DynamicLayer):
         """Append ``[B, kvH, new, D]`` keys and values in place; return views of the whole cache."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._key_buffer, self._key_length = self._append(self._key_buffer, self._key_length, key_states, True)
-        self._value_buffer, self._value_length = self._append(
-            self._value_buffer, self._value_length, value_states, False
+        self._key_buffer, self._key_length = self._append(
+            self._key_buffer, self._key_length, key_states, True, self._key_shared
         )
+        self._value_buffer, self._value_length = self._append(
+            self._value_buffer, self._value_length, value_states, False, self._value_shared
+        )
+        self._key_shared = self._value_shared = False  # appending always leaves the layer its own buffers
         keys, values = self.keys, self.values
         assert keys is not None and values is not None
         return keys, values
@@ -204,6 +256,7 @@ class GrowingLayer(DynamicLayer):
         """Drop the buffers (their memory is released), as ``DynamicLayer.reset`` drops its tensors."""
         super().reset()
         self._empty = None
+        self._key_shared = self._value_shared = False
 
     # -- buffer management ------------------------------------------------------------------
 
@@ -220,13 +273,13 @@ class GrowingLayer(DynamicLayer):
         return torch.empty(batch, heads, capacity, dim, dtype=dtype or like.dtype, device=like.device)
 
     def _append(
-        self, buffer: torch.Tensor | None, length: int, new: torch.Tensor, count: bool
+        self, buffer: torch.Tensor | None, length: int, new: torch.Tensor, count: bool, shared: bool = False
     ) -> tuple[torch.Tensor, int]:
         needed = length + int(new.shape[-2])
         if buffer is None:
             dtype = self._empty.dtype if self._empty is not None else new.dtype
             buffer = self._allocate(new, self._capacity_for(needed), count, dtype)
-        elif needed > buffer.shape[-2] or buffer.shape[:2] != new.shape[:2]:
+        elif shared or needed > buffer.shape[-2] or buffer.shape[:2] != new.shape[:2]:
             if buffer.shape[:2] != new.shape[:2] or buffer.shape[-1] != new.shape[-1]:
                 raise ValueError(
                     f"cannot append entries of shape {tuple(new.shape)} to a cache of shape "
@@ -239,9 +292,12 @@ class GrowingLayer(DynamicLayer):
         return buffer, needed
 
     def _store(
-        self, buffer: torch.Tensor | None, tensor: torch.Tensor | None, count: bool
+        self, buffer: torch.Tensor | None, tensor: torch.Tensor | None, count: bool, shared: bool = False
     ) -> tuple[torch.Tensor | None, int]:
-        """Make ``tensor`` the filled part: in ``buffer`` when it fits and is not oversized, else a new buffer."""
+        """Make ``tensor`` the filled part: in ``buffer`` when it fits and is not oversized, else a new buffer.
+
+        A ``shared`` buffer is never written: only a prefix view of it is kept as it is.
+        """
         if tensor is None:
             return None, 0
         if tensor.dim() != 4:  # DynamicLayer's empty 1-D placeholder (lazy_initialization)
@@ -251,8 +307,9 @@ class GrowingLayer(DynamicLayer):
         if buffer is not None and self._shares_memory(buffer, tensor):
             if self._is_prefix(buffer, tensor) and self._fits(buffer, tensor):
                 return buffer, n  # crop, or `layer.keys = layer.keys`: nothing to copy
-            tensor = tensor.clone()  # overlapping source: copy it out before writing the buffer
-        if buffer is None or not self._fits(buffer, tensor):
+            if not shared:
+                tensor = tensor.clone()  # overlapping source: copy it out before writing the buffer
+        if buffer is None or shared or not self._fits(buffer, tensor):
             buffer = self._allocate(tensor, self._capacity_for(n), count)
         buffer[:, :, :n].copy_(tensor)
         return buffer, n

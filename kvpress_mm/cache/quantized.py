@@ -158,6 +158,15 @@ def stored_bytes(layer: Any) -> int:
     return residual + tensor_bytes(layer._quantized_keys) + tensor_bytes(layer._quantized_values)
 
 
+def shared_entries(layer: Any) -> tuple[Any, ...]:
+    """What a fork of a quantized layer may share with it: its quantized store and residual window.
+
+    transformers' quantized layers never write them in place (an update concatenates a new
+    residual, a flush re-quantizes into new objects), so two caches can hold the same objects.
+    """
+    return (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values)
+
+
 def check_decode_eviction(cache: Any, strategy: str) -> None:
     """Refuse decode-time eviction on a quanto / HQQ cache, before the first token.
 
@@ -178,10 +187,10 @@ def check_decode_eviction(cache: Any, strategy: str) -> None:
 
 
 def check_row_method(cache: Any, method: str) -> None:
-    """Refuse ``batch_select_indices`` / ``batch_repeat_interleave`` on a cache with quantized layers.
+    """Refuse ``batch_select_indices`` / ``batch_repeat_interleave`` / ``crop`` on a cache with quantized layers.
 
     transformers' quantized layers inherit them from ``DynamicLayer``: they change the
-    full-precision residual only, not the quantized store, so the rows would no longer match.
+    full-precision residual only, not the quantized store, so the entries would no longer match.
     (``reorder_cache``, what beam search calls, is implemented by the quantized layers.)
     """
     if method == "reorder_cache":
@@ -192,7 +201,7 @@ def check_row_method(cache: Any, method: str) -> None:
         raise UnsupportedCacheError(
             f"cache.{method} is not supported on a quantized cache: transformers' {type(quantized).__name__} "
             "applies it to its full-precision residual only, not to its quantized entries. Only reorder_cache "
-            "(beam search) changes the rows of a quantized cache correctly"
+            "(beam search) changes a quantized cache correctly; assisted decoding (which crops) needs a DynamicCache"
         )
 
 

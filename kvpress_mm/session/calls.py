@@ -10,8 +10,7 @@ silently wrong.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,70 +18,10 @@ import torch
 from torch import nn
 
 from kvpress_mm.adapters.base import ModelAdapter
-from kvpress_mm.cache.quantized import require_backend
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
 from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.session.state import CacheState
-
-
-def check_before(model: nn.Module, method: str, check: Callable[[dict[str, Any]], None]) -> Callable[[], None] | None:
-    """Make ``model.<method>`` (a step of ``generate``) call ``check(arguments by name)`` first.
-
-    The wrapper is set on the model instance (never its class); returns the function that
-    removes it, or ``None`` when the model has no such method.
-    """
-    original = getattr(model, method, None)
-    if not callable(original):
-        return None
-    own = vars(model).get(method)
-    parameters = list(inspect.signature(original).parameters)
-
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        check({**dict(zip(parameters, args)), **kwargs})
-        return original(*args, **kwargs)
-
-    object.__setattr__(model, method, checked)
-
-    def undo() -> None:
-        if vars(model).get(method) is checked:
-            if own is None:
-                object.__delattr__(model, method)
-            else:
-                object.__setattr__(model, method, own)
-
-    return undo
-
-
-def refuse_chunked_prefill(model: nn.Module) -> Callable[[], None] | None:
-    """Make ``generate(prefill_chunk_size=...)`` raise before its first chunk reaches the model.
-
-    transformers' chunked prefill feeds the prompt to the model in pieces; each piece looks
-    like a call that continues a cache, so compression would keep ``int(chunk * (1 - r))``
-    entries of the first piece and append the others in full. Returns the undo function.
-    """
-
-    def check(arguments: dict[str, Any]) -> None:
-        chunk = getattr(arguments.get("generation_config"), "prefill_chunk_size", None)
-        if chunk is not None:
-            raise InvalidInputError(
-                f"chunked prefill is not supported under compression: drop prefill_chunk_size (it is {chunk}; "
-                "pass prefill_chunk_size=None to generate, or unset it in the generation config). Compression "
-                "needs the whole prompt in one prefill call"
-            )
-
-    return check_before(model, "_prefill", check)
-
-
-def require_cache_backend(model: nn.Module) -> Callable[[], None] | None:
-    """Make ``generate(cache_implementation="quantized")`` name the ``[quant]`` extra when its backend is missing.
-
-    Checked before ``generate`` builds the cache (transformers' own error names only the
-    package). Returns the undo function.
-    """
-    return check_before(
-        model, "_prepare_cache_for_generation", lambda arguments: require_backend(arguments.get("generation_config"))
-    )
 
 
 @dataclass
@@ -173,11 +112,18 @@ def call_tokens(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch
 
 
 def prefill_call(
-    adapter: ModelAdapter, model: nn.Module, inputs: Mapping[str, Any], tokens: torch.Tensor, compression_ratio: float
+    adapter: ModelAdapter,
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    tokens: torch.Tensor,
+    compression_ratio: float,
+    *,
+    validate: bool = True,
 ) -> CallInfo:
-    """A prefill call's modality map, budgets and prompt record, after the adapter's input checks."""
+    """A prefill call's modality map, budgets and prompt record, after the adapter's input checks (``validate``)."""
     q_len = int(tokens.shape[1])
-    adapter.validate_inputs(model, inputs)
+    if validate:
+        adapter.validate_inputs(model, inputs)
     modality = adapter.modality_map(model, inputs, q_len).to(tokens.device)
     check_left_padding(modality)
     lengths = (modality != Modality.PADDING).sum(-1).tolist()

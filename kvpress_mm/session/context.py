@@ -42,15 +42,9 @@ from kvpress_mm.session.attention import (
     MaskChecks,
     register_attention_functions,
 )
-from kvpress_mm.session.calls import (
-    CallInfo,
-    call_tokens,
-    continuation_call,
-    prefill_call,
-    refuse_chunked_prefill,
-    require_cache_backend,
-)
+from kvpress_mm.session.calls import CallInfo, call_tokens, continuation_call, prefill_call
 from kvpress_mm.session.decode import attend_compressed
+from kvpress_mm.session.generation import Drafting, instrument_generate, require_cache_backend
 from kvpress_mm.session.prefill import fused_prefill_attention, plan_layer
 from kvpress_mm.session.state import LayerState, state_of
 
@@ -70,7 +64,7 @@ class Strategy(Protocol):
 
     @property
     def evicts_while_decoding(self) -> bool:
-        """True when :meth:`decode_plan` may evict entries (refused on quanto / HQQ caches)."""
+        """True when :meth:`decode_plan` may evict entries (refused with quanto / HQQ caches and rollbacks)."""
 
     def plan(self, layer: LayerView) -> CompressionPlan:
         """The layer's plan after its prefill."""
@@ -154,6 +148,7 @@ class CompressionSession:
         ] = {}
         self._warned_sliding = False
         self._masks = MaskChecks()
+        self._drafting = Drafting()  # an assistant model's prefill is in progress
         # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
         self._growing_cache = growing_cache
 
@@ -183,7 +178,10 @@ class CompressionSession:
             # a missing quantized-cache backend raises an ImportError naming the [quant] extra, no-op or not
             instruments = [require_cache_backend]
             if not self.compressor.is_noop:
-                instruments += [adapter.instrument, refuse_chunked_prefill]
+                instruments += [
+                    adapter.instrument,
+                    lambda model: instrument_generate(model, self.compressor, self._drafting),
+                ]
             for instrument in instruments:
                 undo = instrument(self.model)
                 if undo is not None:
@@ -227,7 +225,7 @@ class CompressionSession:
         self._pending.clear()  # plans of a call that raised must never reach the next one
         self._masks.clear()
         tokens, inputs = call_tokens(args, kwargs)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the old name: remote-code models
         state = state_of(cache)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if state is None and past == 0:
@@ -237,7 +235,9 @@ class CompressionSession:
                 return
             if cache is not None:  # before input checks that a static cache's 4-D mask would trip
                 check_cache_layers(cache, **self._eviction())
-            self._call = prefill_call(self._adapter, self.model, inputs, tokens, self.compressor.compression_ratio)
+            ratio = self.compressor.compression_ratio
+            validate = not self._drafting.active  # an assistant's placeholders come without images
+            self._call = prefill_call(self._adapter, self.model, inputs, tokens, ratio, validate=validate)
             assert self._call.modality is not None
             lengths = (self._call.modality != Modality.PADDING).sum(-1).tolist()
             self.report = CompressionReport(prompt_lengths=tuple(int(n) for n in lengths), n_keep=self._call.n_keep)

@@ -21,7 +21,7 @@ from kvpress_mm.ops.scoring import attention_with_column_sums
 from kvpress_mm.ops.views import LayerView
 from kvpress_mm.session.attention import AttentionCall, MaskChecks, fusable
 from kvpress_mm.session.calls import CallInfo
-from kvpress_mm.session.state import CacheState, LayerState, attach_state, state_of
+from kvpress_mm.session.state import CacheState, LayerState, attach_state, rollback_refusal, state_of
 
 
 def fused_prefill_attention(
@@ -79,7 +79,14 @@ def plan_layer(
         )
     if state_of(cache) is None:
         next_positions = (call.modality != Modality.PADDING).sum(-1)
-        attach_state(cache, CacheState(call.q_len, next_positions=next_positions, prompt_record=call.prompt_record))
+        state = CacheState(
+            call.q_len,
+            prompt_columns=call.q_len,
+            crop_refusal=rollback_refusal(strategy),
+            next_positions=next_positions,
+            prompt_record=call.prompt_record,
+        )
+        attach_state(cache, state)
     view = LayerView(
         layer_idx=layer_idx,
         keys=key,

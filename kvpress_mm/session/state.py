@@ -8,8 +8,10 @@ recorded about the prompt (:class:`CacheState`). The state is stored on the cach
 the cache (``copy.deepcopy``, pickle) carries a copy of it, so a copied compressed cache
 continues as compressed instead of silently decoding as an uncompressed one.
 
-Beam search reorders the cache's rows between steps (``cache.reorder_cache``); the cache
-instance's row methods are wrapped (:class:`FollowRows`) so that the per-row state follows.
+generate edits a cache between steps: beam search reorders its rows (``cache.reorder_cache``),
+assisted decoding removes the rejected draft tokens (``cache.crop``). The cache instance's methods
+that do so are wrapped (:class:`FollowRows`, :class:`FollowCrop`) so that the session's state
+follows the edit.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from typing import Any
 import torch
 
 from kvpress_mm.cache.quantized import check_row_method
+from kvpress_mm.errors import InvalidInputError
 
 #: The attribute of a cache object that holds its :class:`CacheState`.
 STATE_ATTRIBUTE = "_kvpress_mm_state"
 
 #: The cache methods that change which rows a cache holds (beam search calls ``reorder_cache``).
 ROW_METHODS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+#: The cache method that removes the last entries (assisted decoding drops rejected drafts with it).
+CROP_METHOD = "crop"
 
 
 def select_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -73,6 +78,12 @@ class LayerState:
             return self.slot_valid.to(device)
         return torch.ones(batch, self.length, dtype=torch.bool, device=device)
 
+    def drop_last(self, count: int) -> None:
+        """Forget the layer's last ``count`` slots, as ``cache.crop(-count)`` just removed them."""
+        self.length -= count
+        if self.slot_valid is not None:
+            self.set_slots(self.slot_valid[:, : self.length])
+
     def select_rows(self, rows: torch.Tensor, batch: int) -> None:
         """Keep rows ``rows`` of ``batch`` (in that order), as the cache just did."""
         if self.slot_valid is not None:
@@ -88,6 +99,10 @@ class CacheState:
     """What the session keeps about a cache it compressed (lives on the cache, as long as it)."""
 
     seen_columns: int  # columns of the 2-D attention mask consumed so far (prompt + decoded)
+    # columns of the compressed prompt: entries before them were evicted, so a crop must not reach them
+    prompt_columns: int = 0
+    # why the cache cannot be cropped (its strategy evicts while decoding), or None (rollback_refusal)
+    crop_refusal: str | None = None
     layers: dict[int, LayerState] = field(default_factory=dict)
     # [B] long: each row's real tokens so far, i.e. the position its next token must have
     next_positions: torch.Tensor | None = None
@@ -109,6 +124,42 @@ class CacheState:
         rows = rows.long().flatten().cpu()
         return torch.where(rows < 0, rows + batch, rows), batch
 
+    def check_crop(self, count: int) -> None:
+        """Raise unless the last ``count`` entries of every compressed layer can be removed exactly.
+
+        Raises:
+            InvalidInputError: the crop would reach into the compressed prompt, or the cache's
+                strategy evicts entries while decoding.
+
+        """
+        if count <= 0:
+            return
+        if self.crop_refusal is not None:
+            raise InvalidInputError(f"cannot crop this compressed cache: {self.crop_refusal}")
+        decoded = self.seen_columns - self.prompt_columns
+        if count > decoded:
+            raise InvalidInputError(
+                f"crop(-{count}) would reach into the compressed prompt: this cache holds {decoded} entries "
+                "after its prompt, and the prompt's evicted entries cannot be restored. Crop at most the tokens "
+                "added after the prompt, or prefill the prompt again"
+            )
+
+    def drop_last(self, count: int) -> None:
+        """Forget the last ``count`` columns, as ``cache.crop(-count)`` just removed them (see :meth:`check_crop`)."""
+        if count <= 0:
+            return
+        if self.next_positions is not None:
+            # each row's real tokens among the removed columns (every compressed layer agrees on its tail)
+            tails = [ls.slot_valid[:, -count:] for ls in self.layers.values() if ls.slot_valid is not None]
+            if tails:
+                real = tails[0].sum(-1).to(self.next_positions.device, self.next_positions.dtype)
+            else:
+                real = torch.full_like(self.next_positions, count)
+            self.next_positions = self.next_positions - real
+        self.seen_columns -= count
+        for layer_state in self.layers.values():
+            layer_state.drop_last(count)
+
     def select_rows(self, rows: torch.Tensor, batch: int) -> None:
         """Keep rows ``rows`` of every per-row tensor, as the cache just did (beam search's reordering)."""
         if self.next_positions is not None:
@@ -126,25 +177,48 @@ def state_of(cache: Any) -> CacheState | None:
     return state if isinstance(state, CacheState) else None
 
 
+def rollback_refusal(strategy: Any) -> str | None:
+    """Why caches of ``strategy`` cannot be rolled back (``cache.crop``), or ``None`` when they can.
+
+    A strategy whose decode step evicts entries (``evicts_while_decoding``) chose them with the
+    attention of tokens a crop would take back; the message names the option that turns the
+    eviction off where the strategy has the conventional one (``decode_eviction``).
+    """
+    if not getattr(strategy, "evicts_while_decoding", False):
+        return None
+    if "decode_eviction" in getattr(type(strategy), "model_fields", {}):
+        fix = (
+            f"Build it with decode_eviction=False (Compressor.from_name({getattr(strategy, 'name', '...')!r}, ..., "
+            "decode_eviction=False): it then evicts only at the prefill), or use another strategy"
+        )
+    else:
+        fix = "Use a strategy that does not evict while decoding (evicts_while_decoding is False)"
+    return (
+        f"{strategy!r} evicts cache entries while decoding, chosen with the attention of the newest tokens; "
+        f"removing tokens again (assisted decoding's rollback of rejected drafts, cache.crop) cannot bring those "
+        f"entries back. {fix}"
+    )
+
+
 def attach_state(cache: Any, state: CacheState) -> None:
-    """Store ``state`` on ``cache`` and make the cache's row methods carry it along (once)."""
+    """Store ``state`` on ``cache`` and make the cache's row methods and ``crop`` carry it along (once)."""
     setattr(cache, STATE_ATTRIBUTE, state)
-    for name in ROW_METHODS:
+    for name in (*ROW_METHODS, CROP_METHOD):
         if not callable(getattr(type(cache), name, None)):
             continue
         previous = vars(cache).get(name)
-        if isinstance(previous, FollowRows):
+        if isinstance(previous, FollowEdit):
             continue
-        setattr(cache, name, FollowRows(cache, name, previous))
+        stand_in = FollowCrop if name == CROP_METHOD else FollowRows
+        setattr(cache, name, stand_in(cache, name, previous))
 
 
-class FollowRows:
-    """Stands in for one of a compressed cache's :data:`ROW_METHODS` (on that cache instance only).
+class FollowEdit:
+    """Stands in for one of a compressed cache's methods that edit it (on that cache instance only).
 
-    Calls the cache's own method, then selects the same rows of everything the session keeps
-    about the cache (slot masks, strategy state such as ``h2o``'s scores, next positions, the
-    adapter's prompt record), so that per-row state stays with its row when beam search
-    reorders the beams. The cache's class and the model are left untouched.
+    Subclasses call the cache's own method and make the session's state follow the edit. The
+    cache's class and the model are left untouched; a copy of the cache (``copy.deepcopy``,
+    pickle) gets a stand-in bound to the copy.
     """
 
     def __init__(self, cache: Any, name: str, previous: Callable[..., Any] | None = None) -> None:
@@ -152,11 +226,66 @@ class FollowRows:
         self._name = name
         self._previous = previous  # an instance attribute that was there before, if any
 
-    def __call__(self, argument: Any) -> Any:
-        """Call the cache's own method, then select the same rows of the session's state."""
+    def _own_cache(self) -> Any:
         cache = self._cache()
         if cache is None:  # pragma: no cover - the cache owns this object
             raise ReferenceError("the cache this method belongs to no longer exists")
+        return cache
+
+    def _call_original(self, cache: Any, argument: Any) -> Any:
+        if self._previous is not None:
+            return self._previous(argument)
+        return getattr(type(cache), self._name)(cache, argument)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the session's state travels in the cache's own attributes
+        return (type(self), (self._cache(), self._name, self._previous))
+
+
+class FollowCrop(FollowEdit):
+    """Stands in for a compressed cache's ``crop``: the session's state forgets the removed entries.
+
+    ``crop(-r)`` removes the last ``r`` entries of every layer. On a compressed layer those are
+    the last ``r`` tokens added after the prompt (decoded or verified tokens are appended in
+    order), so the session drops the same slots and moves each row's next position back by its
+    real tokens among them. A crop that would reach into the compressed prompt, or one on a cache
+    whose strategy evicts while decoding, is refused before the cache changes
+    (:meth:`CacheState.check_crop`). A positive argument (an absolute length, the convention
+    of older transformers) has no meaning on a compressed cache and is refused too.
+    """
+
+    def __call__(self, tokens_to_remove: int) -> Any:
+        """Check the crop, call the cache's own ``crop``, then drop the same entries from the state."""
+        cache = self._own_cache()
+        state = state_of(cache)
+        count = -int(tokens_to_remove)
+        if state is not None:
+            check_row_method(cache, "crop")
+            if count < 0:
+                raise InvalidInputError(
+                    f"crop({int(tokens_to_remove)}) on a compressed cache: a positive argument is an absolute "
+                    "length in the uncompressed sequence, which a compressed cache does not hold. Pass the number "
+                    "of entries to remove from the end, negated (crop(-r))"
+                )
+            state.check_crop(count)
+        result = self._call_original(cache, tokens_to_remove)
+        if state is not None:
+            state.drop_last(count)
+        return result
+
+
+class FollowRows(FollowEdit):
+    """Stands in for one of a compressed cache's :data:`ROW_METHODS`.
+
+    Calls the cache's own method, then selects the same rows of everything the session keeps
+    about the cache (slot masks, strategy state such as ``h2o``'s scores, next positions, the
+    adapter's prompt record), so that per-row state stays with its row when beam search
+    reorders the beams.
+    """
+
+    def __call__(self, argument: Any) -> Any:
+        """Call the cache's own method, then select the same rows of the session's state."""
+        cache = self._own_cache()
         check_row_method(cache, self._name)
         state = state_of(cache)
         nested = state is not None and state.changing_rows
@@ -164,18 +293,10 @@ class FollowRows:
         if state is not None:
             state.changing_rows = True
         try:
-            if self._previous is not None:
-                result = self._previous(argument)
-            else:
-                result = getattr(type(cache), self._name)(cache, argument)
+            result = self._call_original(cache, argument)
         finally:
             if state is not None and not nested:
                 state.changing_rows = False
         if state is not None and rows is not None:
             state.select_rows(*rows)
         return result
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # a copy of the cache (copy.deepcopy, pickle) gets a stand-in bound to the copy; the
-        # session's state travels in the cache's own attributes
-        return (FollowRows, (self._cache(), self._name, self._previous))

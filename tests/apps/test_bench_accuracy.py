@@ -21,7 +21,7 @@ from kvpress_mm.apps.bench.accuracy import (
 from kvpress_mm.apps.bench.kv_caches import cache_factory, cache_settings, group_size_for
 from kvpress_mm.apps.reference import encode_prompts, heldout_prompts, load_reference_model
 from kvpress_mm.apps.reference.evaluate import accuracy_by_kind, predict
-from kvpress_mm.apps.reference.questions import answer_batch, answer_logits, split_prompt
+from kvpress_mm.apps.reference.questions import answer_batch, answer_logits, answer_logits_per_batch, split_prompt
 from kvpress_mm.apps.reference.tasks import TASK_KINDS
 from kvpress_mm.compressor import Compressor
 from tests.helpers.cli_fixtures import run_cli
@@ -93,6 +93,27 @@ def test_compression_keeps_its_budget_and_changes_the_answers_logits(model):
     assert tokens == logits.argmax(-1).tolist() and kept_again == kept
     with pytest.raises(ValueError, match="one task kind"):
         answer_logits(model, Compressor.from_name("full"), heldout_prompts(2, 1))  # needle has a shorter tail
+
+
+@pytest.mark.parametrize("mode", ["question", "last-token"])
+def test_questions_about_the_same_contexts_share_one_compressed_prefill(model, mode, monkeypatch):
+    """answer_logits_per_batch: the batches of every kind on the same contexts, one prefill in mode question.
+
+    Each kind asks on a fork of the compressed context: exactly its own prefill's logits.
+    """
+    import kvpress_mm.apps.reference.questions as questions
+
+    prompts = heldout_prompts(8, 5)
+    batches = [[p for p in prompts if p.kind == kind] for kind in TASK_KINDS]
+    compressor = Compressor.from_name("h2o", compression_ratio=0.8)
+    alone = [answer_logits(model, compressor, batch, mode) for batch in batches]
+    prefills = []
+    prefill_heads = questions._prefill_heads
+    monkeypatch.setattr(questions, "_prefill_heads", lambda *a: prefills.append(1) or prefill_heads(*a))
+    logits, kept = answer_logits_per_batch(model, compressor, batches, mode)
+    assert len(prefills) == (1 if mode == "question" else len(TASK_KINDS))
+    for (want_logits, want_kept), got_logits, got_kept in zip(alone, logits, kept, strict=True):
+        assert torch.equal(got_logits, want_logits) and got_kept == want_kept
 
 
 # -- the benchmark -------------------------------------------------------------------------

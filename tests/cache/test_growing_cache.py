@@ -2,7 +2,8 @@
 
 Property tests drive a DynamicLayer and a GrowingLayer through the same random sequence of
 operations (updates of any length, crop, beam reorder, batch selection and repetition,
-cache-surgery assignment, reset) and compare everything transformers reads from a layer.
+cache-surgery assignment, reset) and compare everything transformers reads from a layer; two
+growing layers sharing their buffers (``fork_cache``) behave like two independent layers.
 End to end: generate's logits are the same with a cache of growing layers, and under
 compression with and without the session's growing layers.
 """
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpress_mm import Compressor
+from kvpress_mm.cache.fork import fork_cache
 from kvpress_mm.cache.growing import GrowingLayer, growing_dynamic_cache
 from kvpress_mm.cache.surgery import apply_plan, kv_bytes
 from kvpress_mm.ops.budget import n_keep_for
@@ -118,6 +120,72 @@ def test_same_keys_and_values_as_dynamic_layer(
         assert _apply(layer, operation, batch_now, seed + step) == after
         batch_now = after
         _assert_same(reference, layer)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    before=st.lists(OPERATIONS, min_size=1, max_size=8),
+    after=st.lists(st.tuples(st.booleans(), OPERATIONS), min_size=1, max_size=16),
+    batch=st.integers(1, 3),
+    headroom=st.integers(0, 5),
+    seed=st.integers(0, 1000),
+)
+def test_shared_buffers_behave_like_two_independent_layers(
+    before: list[tuple[str, int]], after: list[tuple[bool, tuple[str, int]]], batch: int, headroom: int, seed: int
+) -> None:
+    """fork_cache's layers share the buffers (copy-on-write): each still behaves like its own DynamicLayer."""
+    reference, layer = DynamicLayer(), GrowingLayer(headroom=headroom)
+    batch_now = batch
+    for step, operation in enumerate(before):
+        if operation[0] == "reset":
+            batch_now = batch
+        after_step = _apply(reference, operation, batch_now, seed + step)
+        assert _apply(layer, operation, batch_now, seed + step) == after_step
+        batch_now = after_step
+    cache = DynamicCache()
+    cache.layers = [layer]
+    fork = fork_cache(cache)
+    twin = fork.layers[0]
+    assert isinstance(twin, GrowingLayer) and twin is not layer
+    assert twin.buffers[0] is layer.buffers[0]  # shared, not copied
+    pairs = {False: (reference, layer), True: (copy.deepcopy(reference), twin)}
+    batches = {False: batch_now, True: batch_now}
+    for step, (on_twin, operation) in enumerate(after):
+        want, got = pairs[on_twin]
+        if operation[0] == "reset":
+            batches[on_twin] = batch
+        batch_before = batches[on_twin]
+        batches[on_twin] = _apply(want, operation, batch_before, seed + 100 + step)
+        assert _apply(got, operation, batch_before, seed + 100 + step) == batches[on_twin]
+        for check_want, check_got in pairs.values():
+            _assert_same(check_want, check_got)
+
+
+def test_a_shared_buffer_is_copied_on_first_write() -> None:
+    layer = GrowingLayer.from_tensors(torch.randn(1, HEADS, 6, DIM), torch.randn(1, HEADS, 6, DIM), headroom=3)
+    cache = DynamicCache()
+    cache.layers = [layer]
+    twin = fork_cache(cache).layers[0]
+    assert isinstance(twin, GrowingLayer)
+    assert layer.shares_buffers and twin.shares_buffers and twin.buffers[0] is layer.buffers[0]
+    keys = layer.keys.clone()  # type: ignore[union-attr]
+    twin.update(torch.ones(1, HEADS, 1, DIM), torch.ones(1, HEADS, 1, DIM))  # room in the buffer: still copies
+    assert not twin.shares_buffers and twin.buffers[0] is not layer.buffers[0]
+    assert layer.shares_buffers  # the other holder still must not write in place
+    layer.update(torch.zeros(1, HEADS, 1, DIM), torch.zeros(1, HEADS, 1, DIM))
+    assert not layer.shares_buffers
+    assert torch.equal(layer.keys[:, :, :6], keys) and torch.equal(twin.keys[:, :, :6], keys)  # type: ignore[index]
+    assert float(layer.keys[0, 0, 6, 0]) == 0.0 and float(twin.keys[0, 0, 6, 0]) == 1.0  # type: ignore[index]
+
+
+def test_deepcopy_copies_the_filled_part_only() -> None:
+    layer = GrowingLayer.from_tensors(torch.randn(1, HEADS, 6, DIM), torch.randn(1, HEADS, 6, DIM), headroom=100)
+    twin = copy.deepcopy(layer)
+    assert layer.capacity == 106 and twin.capacity == 6
+    assert twin.allocated_bytes() == kv_bytes(twin) == kv_bytes(layer)
+    assert torch.equal(twin.keys, layer.keys) and twin.buffers[0] is not layer.buffers[0]  # type: ignore[arg-type]
+    twin.update(torch.ones(1, HEADS, 1, DIM), torch.ones(1, HEADS, 1, DIM))
+    assert layer.get_seq_length() == 6 and twin.get_seq_length() == 7
 
 
 @settings(max_examples=50, deadline=None)
@@ -240,7 +308,7 @@ def test_compressed_generate_is_identical_with_and_without_growing_layers(name: 
     for growing in (False, True):
         with compressor(model, growing_cache=growing) as session:
             out = generate(model, ids, max_new_tokens=140)  # beyond the headroom: the layers grow
-        outputs[growing], caches[growing] = out, out.past_key_values
+        outputs[growing], caches[growing] = out, out.cache
         assert session.report.layers_compressed == 2
     assert torch.equal(_logits(outputs[False]), _logits(outputs[True]))
     assert torch.equal(outputs[False].sequences, outputs[True].sequences)
@@ -259,7 +327,7 @@ def test_report_counts_the_kept_entries_not_the_headroom() -> None:
     ids = prompt(100)
     with Compressor.from_name("snapkv", compression_ratio=0.5, window_size=8)(model) as session:
         out = generate(model, ids, max_new_tokens=3)  # two decode steps: the first adds the headroom
-    layer = out.past_key_values.layers[0]
+    layer = out.cache.layers[0]
     entry_bytes = 2 * 2 * 16 * 4  # keys and values, 2 KV heads, head_dim 16, float32
     assert session.report.kv_bytes_after == 2 * 50 * entry_bytes
     assert layer.allocated_bytes() == (50 + 1 + 128) * entry_bytes

@@ -323,7 +323,7 @@ def test_good_plugin_compresses_a_tiny_llama(monkeypatch: pytest.MonkeyPatch) ->
     attention_mask = torch.ones_like(input_ids)
 
     with torch.no_grad():
-        full_keys = cache_keys(model(input_ids, attention_mask=attention_mask, use_cache=True).past_key_values)
+        full_keys = cache_keys(model(input_ids, attention_mask=attention_mask, use_cache=True).cache)
     compressor = Compressor.from_name("keynorm", compression_ratio=ratio)
     with torch.no_grad(), compressor(model) as session:
         out = model.generate(
@@ -333,7 +333,7 @@ def test_good_plugin_compresses_a_tiny_llama(monkeypatch: pytest.MonkeyPatch) ->
             do_sample=False,
             return_dict_in_generate=True,
         )
-    compressed = cache_keys(out.past_key_values)
+    compressed = cache_keys(out.cache)
     assert len(compressed) == 2
     for layer, (keys, full) in enumerate(zip(compressed, full_keys)):
         assert keys.shape == (1, 2, n_keep, 16), layer
@@ -497,7 +497,7 @@ def test_plugin_adapter_drives_a_compression_session(monkeypatch: pytest.MonkeyP
     with torch.no_grad(), Compressor.from_name("streaming", compression_ratio=0.5)(model):
         out = model(input_ids, use_cache=True)
     assert "LlamaForCausalLM" in used
-    assert all(keys.shape[2] == 6 for keys in cache_keys(out.past_key_values))
+    assert all(keys.shape[2] == 6 for keys in cache_keys(out.cache))
 
 
 def test_builtin_strategy_names_are_the_registered_builtins() -> None:

@@ -32,9 +32,8 @@ _REF_MASKS: dict[int, torch.Tensor] = {}
 
 
 def cache_of(output: Any) -> Any:
-    """The cache of a generate output (``cache`` in transformers 5.24+, ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output["past_key_values"]
+    """The cache of a generate output (``output.cache``; ``past_key_values`` is deprecated from transformers 5.24)."""
+    return output.cache
 
 
 # -- recording the plans the session applies ------------------------------------------------

@@ -183,8 +183,13 @@ def test_second_generate_continues_compressed_cache(
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "padded-batch"])
-def test_full_history_on_compressed_cache_raises(batched: bool, impl: str) -> None:
-    """Re-sending the whole conversation with a compressed cache would silently re-feed tokens: an error."""
+def test_full_history_continues_like_the_new_tokens(batched: bool, impl: str) -> None:
+    """generate(whole conversation, cache=compressed) feeds only the unseen tokens, as on a plain cache.
+
+    generate would cut the history at the (shorter) compressed cache length and re-feed tokens
+    the cache has seen; the session cuts it at the columns the cache has seen instead. A model
+    call (no generate) with the whole history is still refused.
+    """
     model = build("llama", impl)
     if batched:
         ids, mask, _ = left_padded([24, 31], seed=4)
@@ -193,16 +198,24 @@ def test_full_history_on_compressed_cache_raises(batched: bool, impl: str) -> No
         mask = torch.ones_like(ids)
     b = ids.shape[0]
     extra = torch.randint(3, 256, (b, EXTRA), generator=torch.Generator().manual_seed(5))
-    with Compressor.from_name("snapkv", compression_ratio=RATIO, window_size=4)(model):
-        first = generate(model, ids, mask, max_new_tokens=FIRST)
-        cache = cache_of(first)
-        lengths = [layer.keys.shape[-2] for layer in cache.layers]
-        history = torch.cat([first.sequences, extra], dim=1)
-        history_mask = torch.cat([mask, torch.ones(b, FIRST + EXTRA, dtype=mask.dtype)], dim=1)
-        with pytest.raises(InvalidInputError, match="only the tokens it has not seen"):
-            generate(model, history, history_mask, max_new_tokens=2, cache=cache)
-        # the refused call left the cache alone
-        assert [layer.keys.shape[-2] for layer in cache.layers] == lengths
+    history = None
+    outputs = []
+    for whole in (False, True):
+        with Compressor.from_name("snapkv", compression_ratio=RATIO, window_size=4)(model):
+            first = generate(model, ids, mask, max_new_tokens=FIRST)
+            cache = cache_of(first)
+            history = torch.cat([first.sequences, extra], dim=1)
+            history_mask = torch.cat([mask, torch.ones(b, FIRST + EXTRA, dtype=mask.dtype)], dim=1)
+            new = history[:, -(EXTRA + 1) :]  # the last generated token (not in the cache yet) and the extra ones
+            outputs.append(generate(model, history if whole else new, history_mask, max_new_tokens=3, cache=cache))
+            if whole:
+                lengths = [layer.keys.shape[-2] for layer in cache.layers]
+                with pytest.raises(InvalidInputError, match="only the tokens it has not seen"), torch.no_grad():
+                    model(input_ids=history, attention_mask=history_mask, cache=cache)
+                assert [layer.keys.shape[-2] for layer in cache.layers] == lengths  # the refused call left it alone
+    by_new, by_whole = outputs
+    assert torch.equal(by_new.sequences[:, -3:], by_whole.sequences[:, -3:])
+    assert torch.equal(torch.stack(by_new.logits), torch.stack(by_whole.logits))
 
 
 # -- sliding-window layers ----------------------------------------------------------------------

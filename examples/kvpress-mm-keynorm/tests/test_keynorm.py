@@ -124,7 +124,7 @@ def test_generate_keeps_the_lowest_norm_keys_outside_the_window(length: int, rat
 
     # the uncompressed prompt cache: the prefill under compression sees exactly these keys
     with torch.no_grad():
-        full = model(input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
+        full = model(input_ids, attention_mask=attention_mask, use_cache=True).cache
 
     compressor = Compressor.from_name("keynorm", compression_ratio=ratio, window_size=window)
     with torch.no_grad(), compressor(model) as session:
@@ -141,8 +141,8 @@ def test_generate_keeps_the_lowest_norm_keys_outside_the_window(length: int, rat
     assert session.report.layers_compressed == LAYERS
     assert session.report.kv_bytes_after < session.report.kv_bytes_before
     for layer_idx in range(LAYERS):
-        keys = out.past_key_values.layers[layer_idx].keys  # [batch, kv_heads, seq, head_dim]
-        values = out.past_key_values.layers[layer_idx].values
+        keys = out.cache.layers[layer_idx].keys  # [batch, kv_heads, seq, head_dim]
+        values = out.cache.layers[layer_idx].values
         full_keys = full.layers[layer_idx].keys
         full_values = full.layers[layer_idx].values
         # n_keep prompt entries, then the generated tokens but the last (it is never fed back)

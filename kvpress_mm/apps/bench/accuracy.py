@@ -7,7 +7,10 @@ multi-image prompts. Each held-out prompt is split in two
 - ``--mode question`` (default, question-agnostic): the *context* (images, facts, fillers) is
   prefilled under the compressor and compressed; the *question* is then run on the compressed
   cache, and its last position's greedy token is the answer. The strategy never sees the
-  question when it chooses what to keep: the cache must keep what any question may need.
+  question when it chooses what to keep: the cache must keep what any question may need. Each
+  batch of contexts is compressed once and asked its questions of every kind on forks of the
+  compressed cache (:func:`kvpress_mm.fork_cache`): the same answers as one prefill per
+  question, with a quarter of the prefills.
 - ``--mode last-token`` (question-aware): everything but the prompt's last token is prefilled and
   compressed (the question's first words are in the prompt, so window-based strategies see them),
   then the last token is decoded on the compressed cache.
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpress_mm.apps.bench.kv_caches import cache_factory, cache_settings
-from kvpress_mm.apps.reference.questions import MODES, answer_batch
+from kvpress_mm.apps.reference.questions import MODES, answer_logits_per_batch
 from kvpress_mm.apps.reference.render import word_ids
 from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, TASK_KINDS, heldout_prompts
 from kvpress_mm.compressor import Compressor
@@ -224,16 +227,25 @@ def run_accuracy_benchmark(
     try:
         for arm in arms:
             for n, prompts in sets.items():
-                for kind in TASK_KINDS:
-                    group = [p for p in prompts if p.kind == kind]
-                    correct, kept_sum = 0, 0.0
-                    for s in range(0, len(group), batch_size):
-                        chunk = group[s : s + batch_size]
-                        predicted, kept = answer_batch(model, compressors[arm], chunk, mode, new_cache)
-                        correct += sum(t == ids[p.answer] for t, p in zip(predicted, chunk))
-                        kept_sum += kept * len(chunk)
+                groups = {kind: [p for p in prompts if p.kind == kind] for kind in TASK_KINDS}
+                correct = dict.fromkeys(TASK_KINDS, 0)
+                kept_sum = dict.fromkeys(TASK_KINDS, 0.0)
+                # one batch per kind on the same contexts (a held-out set has one prompt per kind per
+                # context, in context order): in mode question they share one compressed prefill
+                for s in range(0, max(len(g) for g in groups.values()), batch_size):
+                    chunks = {kind: group[s : s + batch_size] for kind, group in groups.items()}
+                    chunks = {kind: chunk for kind, chunk in chunks.items() if chunk}
+                    logits, kept = answer_logits_per_batch(
+                        model, compressors[arm], list(chunks.values()), mode, new_cache
+                    )
+                    for (kind, chunk), kind_logits, kind_kept in zip(chunks.items(), logits, kept):
+                        predicted = kind_logits.argmax(-1).tolist()
+                        correct[kind] += sum(t == ids[p.answer] for t, p in zip(predicted, chunk))
+                        kept_sum[kind] += kind_kept * len(chunk)
                         bar.update(len(chunk))
-                    cell = AccuracyCell(arm[0], arm[1], n, kind, correct, len(group), kept_sum / max(1, len(group)))
+                for kind, group in groups.items():
+                    kept_mean = kept_sum[kind] / max(1, len(group))
+                    cell = AccuracyCell(arm[0], arm[1], n, kind, correct[kind], len(group), kept_mean)
                     result.cells.append(cell)
                     if on_cell is not None:
                         on_cell(cell)
