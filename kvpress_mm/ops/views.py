@@ -125,7 +125,6 @@ class LayerView(_LayerTensors):
         self.prompt_lengths = tuple(int(n) for n in self.key_valid.sum(-1).tolist())
         self._cache: dict[Any, torch.Tensor] = {}
         self._selection: SelectionTransform | None = None
-        self._queries_dropped = False
         if accumulated_attention_per_head is not None:
             # already computed with the prefill attention (the session's fused path)
             self._cache[("accumulated", 0)] = accumulated_attention_per_head
@@ -186,30 +185,35 @@ class LayerView(_LayerTensors):
             return scores
         return self._selection(self, scores, windows)
 
+    @property
+    def queries(self) -> torch.Tensor:
+        """``[batch, heads, seq, head_dim]`` post-RoPE queries of the prompt (until :meth:`drop_queries`)."""
+        if self._queries is None:
+            raise InvalidPlanError(
+                f"layer {self.layer_idx}'s prompt queries were released after observe(): a strategy that "
+                "defers its plans must compute the attention statistics it needs in observe()"
+            )
+        return self._queries
+
+    @queries.setter
+    def queries(self, value: torch.Tensor) -> None:
+        self._queries: torch.Tensor | None = value
+
     def drop_queries(self) -> None:
         """Release the prompt queries and the cached statistics (they are the view's largest tensors).
 
         The session calls it on the views of strategies that plan all layers at the end of the
         prefill (:attr:`~kvpress_mm.Compressor.defers_plans`): what they need from the queries
-        must be computed in :meth:`~kvpress_mm.Compressor.observe`. Afterwards the statistics
-        methods raise :class:`~kvpress_mm.errors.InvalidPlanError`.
+        must be computed in :meth:`~kvpress_mm.Compressor.observe`. Afterwards reading
+        :attr:`queries` or an attention statistic raises :class:`~kvpress_mm.errors.InvalidPlanError`.
         """
-        self.queries = self.queries[:, :, :0]
+        self._queries = None
         self._cache.clear()
-        self._queries_dropped = True
-
-    def _check_queries(self) -> None:
-        if self._queries_dropped:
-            raise InvalidPlanError(
-                f"layer {self.layer_idx}'s prompt queries were released after observe(): a strategy that "
-                "defers its plans must compute the attention statistics it needs in observe()"
-            )
 
     def accumulated_attention_per_head(self) -> torch.Tensor:
         """``[batch, heads, seq]`` float32: sum over all prompt queries of ``A[h, i, j]``."""
         key = ("accumulated", 0)
         if key not in self._cache:
-            self._check_queries()
             self._cache[key] = attention_column_sums(
                 self.queries, self.keys, self.scaling, self.key_valid, self.key_valid
             )
@@ -223,7 +227,6 @@ class LayerView(_LayerTensors):
         """``[batch, heads, seq]`` float32: sum over the last ``window_size`` prompt queries."""
         key = ("window", window_size)
         if key not in self._cache:
-            self._check_queries()
             start = max(0, self.seq_len - window_size)
             self._cache[key] = attention_column_sums(
                 self.queries, self.keys, self.scaling, self.key_valid, self.key_valid, query_start=start
