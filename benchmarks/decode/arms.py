@@ -109,11 +109,11 @@ class Arm:
 
     def compressor(self) -> Any:
         """The arm's kvpress-mm compressor; None for native-K and the uncompressed growing arms."""
-        from kvpress_mm import Compressor
+        from kvpress_mm.apps.run import compressor_from_spec
 
         if self.strategy == NATIVE or self.derived_from is not None:
             return None
-        return Compressor.from_name(self.strategy, compression_ratio=self.ratio)
+        return compressor_from_spec(self.strategy, self.ratio)  # a name or a wrapper spec (pyramid:snapkv)
 
 
 def grid_arms(config: Config) -> list[Arm]:

@@ -84,12 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """A :class:`Config` from parsed arguments (``--quick`` first, explicit options over it)."""
-    from kvpress_mm import Compressor
+    from kvpress_mm.apps.run import compressor_from_spec
 
     config = Config(**QUICK) if args.quick else Config()  # type: ignore[arg-type]
     config = replace(config, **config_values(Config, args, given_only=True))
     for name in (*config.grid_strategies, *config.sweep_strategies, *config.overhead_strategies, config.cache_strategy):
-        Compressor.from_name(name)  # unknown names fail early, with the available ones
+        compressor_from_spec(name, 0.5)  # unknown names (or refused wrapper specs) fail early
     return config
 
 

@@ -10,7 +10,7 @@ silently wrong.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,6 @@ from torch import nn
 from kvpress_mm.adapters.base import ModelAdapter
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
-from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.session.state import CacheState
 
 
@@ -34,6 +33,8 @@ class CallInfo:
     modality: torch.Tensor | None = None  # [B, P] int8 at prefill
     n_keep: tuple[int, ...] = ()
     prompt_record: dict[str, Any] = field(default_factory=dict)  # ModelAdapter.record_prompt at prefill
+    # shared by the views of every layer of this prefill call (LayerView.call_state)
+    strategy_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -116,18 +117,21 @@ def prefill_call(
     model: nn.Module,
     inputs: Mapping[str, Any],
     tokens: torch.Tensor,
-    compression_ratio: float,
+    budgets: Callable[[torch.Tensor], tuple[int, ...]],
     *,
     validate: bool = True,
 ) -> CallInfo:
-    """A prefill call's modality map, budgets and prompt record, after the adapter's input checks (``validate``)."""
+    """A prefill call's modality map, budgets and prompt record, after the adapter's input checks (``validate``).
+
+    ``budgets`` maps the modality map ``[batch, seq]`` to each row's ``n_keep`` (the strategy's
+    :meth:`~kvpress_mm.Compressor.budgets`).
+    """
     q_len = int(tokens.shape[1])
     if validate:
         adapter.validate_inputs(model, inputs)
     modality = adapter.modality_map(model, inputs, q_len).to(tokens.device)
     check_left_padding(modality)
-    lengths = (modality != Modality.PADDING).sum(-1).tolist()
-    n_keep = tuple(n_keep_for(int(n), compression_ratio) for n in lengths)
+    n_keep = tuple(int(n) for n in budgets(modality))
     record = adapter.record_prompt(model, inputs)
     return CallInfo(True, q_len, modality != Modality.PADDING, modality, n_keep, record)
 

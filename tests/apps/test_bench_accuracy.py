@@ -262,6 +262,23 @@ def test_bench_accuracy_on_a_quantized_cache_without_the_extra_names_it(capsys, 
     assert "needs optimum-quanto" in err and "pip install 'kvpress-mm[quant]'" in err
 
 
+def test_bench_accuracy_runs_wrapper_specs(capsys, tmp_path, reference_checkpoint):
+    code, out, err = run_cli(
+        capsys, "bench", "accuracy", "--model", reference_checkpoint,
+        "--strategies", "pyramid:snapkv,mixkv:pyramid:h2o", "--ratios", "0.8", "--images", "2", "--contexts", "1",
+        "--set", "pyramid:snapkv.beta=4",
+        "--output", tmp_path, "--no-plot", "--quiet", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    assert {c["strategy"] for c in data["cells"]} == {"full", "pyramid:snapkv", "mixkv:pyramid:h2o"}
+    configs = {s["strategy"]: s for s in data["settings"]["strategies"]}
+    assert configs["pyramid"]["beta"] == 4 and configs["pyramid"]["inner"]["strategy"] == "snapkv"
+    assert configs["pyramid"]["inner"]["window_size"] == 8, "the benchmark's snapkv default reaches an inner snapkv"
+    assert configs["mixkv"]["inner"]["inner"]["strategy"] == "h2o"
+    assert configs["mixkv"]["inner"]["compression_ratio"] == 0.8
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -272,6 +289,11 @@ def test_bench_accuracy_on_a_quantized_cache_without_the_extra_names_it(capsys, 
         (["--set", "snapkv"], "expected STRATEGY.FIELD=VALUE"),
         (["--set", "h2o.window_size=4", "--strategies", "snapkv"], "--set names strategy 'h2o'"),
         (["--set", "snapkv.window_size=-1", "--strategies", "snapkv"], "window_size"),
+        (["--strategies", "pyramid:"], "has an empty name"),
+        (["--strategies", "pyramid:snapkvv"], "unknown strategy 'snapkvv'"),
+        (["--strategies", "pyramid:pyramid:snapkv"], "pyramid(pyramid(...)) is meaningless"),
+        (["--strategies", "mixkv:full"], "needs an inner strategy that scores entries"),
+        (["--set", "pyramid:h2o.beta=0.5", "--strategies", "pyramid:h2o"], "beta"),
         (["--model", "{tmp}/none"], "does not exist"),
         (["--model", "{tmp}"], "holds no config.json"),
     ],
