@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from kvpress_mm.cache.growing import GrowingLayer
+from kvpress_mm.cache.ragged import RaggedLayer, apply_ragged_plan
 from kvpress_mm.errors import UnsupportedCacheError
 from kvpress_mm.ops.plan import CompressionPlan, gather_entries
 
@@ -27,8 +28,13 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 def apply_plan(layer: object, plan: CompressionPlan) -> None:
     """Replace ``layer.keys`` / ``layer.values`` (``[B, kvH, seq, D]``) by the plan's kept slots.
 
-    The new tensors own storage of exactly ``n_slots`` entries; filler slots are zeroed.
+    The new tensors own storage of exactly ``n_slots`` entries; filler slots are zeroed. A
+    ragged plan (``plan.head_valid`` set) makes the layer a
+    :class:`~kvpress_mm.cache.ragged.RaggedLayer` instead, each KV head stored on its own.
     """
+    if plan.head_valid is not None:
+        apply_ragged_plan(layer, plan)
+        return
     keys: torch.Tensor = layer.keys  # type: ignore[attr-defined]
     values: torch.Tensor = layer.values  # type: ignore[attr-defined]
     index = plan.kept_indices.to(keys.device)
@@ -44,7 +50,9 @@ def apply_plan(layer: object, plan: CompressionPlan) -> None:
 
 
 def kv_bytes(layer: object) -> int:
-    """Bytes held by a cache layer's keys and values."""
+    """Bytes held by a cache layer's keys and values (a ragged layer: the sum of its heads' entries)."""
+    if isinstance(layer, RaggedLayer):
+        return layer.stored_bytes()
     keys = getattr(layer, "keys", None)
     values = getattr(layer, "values", None)
     total = 0

@@ -51,6 +51,7 @@ from kvpress_mm.session.calls import (
 )
 from kvpress_mm.session.decode import attend_compressed
 from kvpress_mm.session.prefill import fused_prefill_attention, plan_layer
+from kvpress_mm.session.ragged import attend_ragged, claim_ragged_layer, ragged_layer
 from kvpress_mm.session.state import LayerState, state_of
 
 
@@ -238,6 +239,8 @@ class CompressionSession:
 
     def _before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        # a ragged layer accepts new entries only while a session that can read it is active
+        claim_ragged_layer(self._cache, module, self)
 
     def _after_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
@@ -282,6 +285,9 @@ class CompressionSession:
         if layer_state is None:
             return attention.run_original(attention.attention_mask)
         decodes = self.compressor.acts_while_decoding
+        ragged = ragged_layer(cache, attention.layer_idx)
+        if ragged is not None:  # KV heads of different lengths: attention head by head
+            return attend_ragged(call, layer_state, attention, ragged, decodes)
         output, plan = attend_compressed(self.compressor, call, layer_state, attention, decodes)
         self._pending[attention.layer_idx] = (plan, layer_state, False)
         return output

@@ -50,6 +50,13 @@ class AppliedPlan:
     merged: bool
     length_before: int
     length_after: int
+    head_valid: torch.Tensor | None = None  # [B, kvH, n_slots] of a ragged plan (adakv)
+
+    def valid_per_head(self) -> torch.Tensor:
+        """``[B, kvH, n_slots]``: which slots of each head are real."""
+        if self.head_valid is not None:
+            return self.head_valid
+        return self.slot_valid[:, None, :].expand_as(self.kept_indices)
 
 
 class PlanRecorder:
@@ -66,7 +73,7 @@ class PlanRecorder:
         assert session_module.apply_plan is original, "the session no longer applies plans through apply_plan"
 
         def recording_apply_plan(layer: Any, plan: Any) -> None:
-            before = int(layer.keys.shape[-2])
+            before = int(layer.get_seq_length())
             original(layer, plan)
             self.applied.append(
                 AppliedPlan(
@@ -75,7 +82,8 @@ class PlanRecorder:
                     slot_valid=plan.slot_valid.detach().clone(),
                     merged=plan.keys is not None or plan.values is not None,
                     length_before=before,
-                    length_after=int(layer.keys.shape[-2]),
+                    length_after=int(layer.get_seq_length()),  # a ragged layer: its longest head
+                    head_valid=None if plan.head_valid is None else plan.head_valid.detach().clone(),
                 )
             )
 
@@ -139,7 +147,7 @@ def compressed_visibility(
     assert first.length_before == prompt_width, "the first recorded plan must be the prefill plan"
     b, kv_heads, _ = first.kept_indices.shape
     vis = prompt_visibility(attention_mask, prompt_width, total)[:, None].repeat(1, kv_heads, 1, 1)
-    columns = first.kept_indices.masked_fill(~first.slot_valid[:, None, :], -1)  # [B, kvH, n]
+    columns = first.kept_indices.masked_fill(~first.valid_per_head(), -1)  # [B, kvH, n]
     remaining = list(plans[1:])
     col = prompt_width
     for q_len in call_lengths:
@@ -154,7 +162,7 @@ def compressed_visibility(
         if decode_plans:
             step = remaining.pop(0)
             assert step.length_before == columns.shape[-1], "decode plans out of step with the calls"
-            columns = columns.gather(-1, step.kept_indices).masked_fill(~step.slot_valid[:, None, :], -1)
+            columns = columns.gather(-1, step.kept_indices).masked_fill(~step.valid_per_head(), -1)
         col += q_len
     assert col == total, f"calls cover {col} columns, the attention mask has {total}"
     assert not remaining, f"{len(remaining)} recorded plans left over"
@@ -165,7 +173,8 @@ def kept_prompt_columns(plans: Sequence[AppliedPlan]) -> list[list[torch.Tensor]
     """Per row, per KV head: the prompt columns the prefill plan kept (filler slots dropped)."""
     first = plans[0]
     b, kv_heads, _ = first.kept_indices.shape
-    return [[first.kept_indices[r, h][first.slot_valid[r]] for h in range(kv_heads)] for r in range(b)]
+    valid = first.valid_per_head()
+    return [[first.kept_indices[r, h][valid[r, h]] for h in range(kv_heads)] for r in range(b)]
 
 
 # -- the masked reference forward -------------------------------------------------------------
