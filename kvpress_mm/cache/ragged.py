@@ -185,9 +185,17 @@ class RaggedLayer(DynamicLayer):
         """Not available: the heads have different lengths. Use :meth:`head`."""
         raise UnsupportedCacheError(_NO_RECTANGLE.format(what="keys"))
 
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        raise UnsupportedCacheError(_NO_RECTANGLE.format(what="keys"))
+
     @property
     def values(self) -> torch.Tensor:
         """Not available: the heads have different lengths. Use :meth:`head`."""
+        raise UnsupportedCacheError(_NO_RECTANGLE.format(what="values"))
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
         raise UnsupportedCacheError(_NO_RECTANGLE.format(what="values"))
 
     # -- transformers' cache-layer contract ---------------------------------------------------
@@ -252,7 +260,8 @@ class RaggedLayer(DynamicLayer):
         """
         if tokens_to_remove > 0:
             raise ValueError(
-                f"crop({tokens_to_remove}): a positive value is not supported; pass a negative number of tokens to remove"
+                f"crop({tokens_to_remove}): a positive value is not supported; "
+                "pass a negative number of tokens to remove"
             )
         remove = -tokens_to_remove
         if remove > min(self.head_lengths):
@@ -302,7 +311,8 @@ class RaggedLayer(DynamicLayer):
 
 _NO_RECTANGLE = (
     "a ragged cache layer (adakv) has no rectangular {what} tensor: its KV heads hold different numbers of "
-    "entries. Read them head by head with layer.head(h) (keys, values [batch, length, head_dim] and validity)"
+    "entries. Read them head by head with layer.head(h) (keys, values [batch, length, head_dim] and validity); "
+    "to change them, use the layer's methods (update, crop, reorder_cache, ...)"
 )
 
 
@@ -328,8 +338,8 @@ def apply_ragged_plan(
             "lengths. Use transformers' DynamicCache, or a strategy with uniform per-head budgets"
         )
     assert plan.head_valid is not None, "apply_ragged_plan needs a ragged plan (head_valid set)"
-    keys: torch.Tensor = layer.keys
-    values: torch.Tensor = layer.values
+    keys, values = layer.keys, layer.values
+    assert keys is not None and values is not None, "an empty cache layer has no entries to keep"
     index = plan.kept_indices.to(keys.device)
     head_valid = plan.head_valid.to(keys.device)
     n_slots = plan.n_slots

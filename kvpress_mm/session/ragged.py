@@ -128,7 +128,11 @@ def attend_ragged(
             device = entries.keys.device
             if new_visible is None:
                 causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
-                new_visible = causal[None] & call.new_valid.to(device)[:, None, :]
+                new_valid = call.new_valid.to(device)
+                # a padding token also sees itself: a head may hold no real entry of its row, and a
+                # query that sees nothing would give NaN (which its key and value carry to the next layer)
+                itself = torch.eye(q_len, dtype=torch.bool, device=device)[None] & ~new_valid[:, :, None]
+                new_visible = (causal[None] & new_valid[:, None, :]) | itself
             length = int(entries.keys.shape[1])
             if entries.valid is None:
                 cached_valid = torch.ones(batch, length - q_len, dtype=torch.bool, device=device)
@@ -143,4 +147,3 @@ def attend_ragged(
         outputs.append(output)  # [B, q, groups, D]
     layer_state.length = layer.get_seq_length()
     return torch.cat(outputs, dim=2), None
-

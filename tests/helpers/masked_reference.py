@@ -155,6 +155,7 @@ def compressed_visibility(
         # the cached columns as a [B, kvH, T] bool (filler slots, -1, go to a dropped extra column)
         cached = torch.zeros(b, kv_heads, total + 1, dtype=torch.bool)
         cached.scatter_(-1, columns.masked_fill(columns < 0, total), True)
+        cached[..., :total] &= attention_mask.bool()[:, None, :]  # padding tokens of a call stay hidden
         for i in range(q_len):
             vis[:, :, col + i] = cached[..., :total]
             vis[:, :, col + i, col : col + i + 1] = attention_mask.bool()[:, None, col : col + i + 1]
