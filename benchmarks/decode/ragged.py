@@ -32,27 +32,35 @@ def summarize_ragged(config: Config, rows: dict[str, dict[str, Any]]) -> dict[st
     layers = config.layers
     lengths = ragged.get("head_lengths") or []
     spread = [max(layer) / (sum(layer) / len(layer)) for layer in lengths if sum(layer)]
-    layouts = [
-        {"name": "full (no compression)", "kv_mib": full["kv_mib"] / layers, "decode_ms": full["decode_ms"]},
-        {"name": "kvpress AdaKVPress (masks, keeps every entry)", "kv_mib": full["kv_mib"] / layers, "decode_ms": None},
-    ]
+    measured = {"full": full, "ragged": ragged, "baseline": baseline}
+    names = {
+        "full": "full (no compression)",
+        "masked": "kvpress AdaKVPress (masks, keeps every entry)",
+        "padded": f"{config.ragged_strategy} padded to the longest head",
+        "ragged": f"{config.ragged_strategy} ragged per-head storage (kvpress-mm)",
+        "baseline": f"{config.ragged_baseline} rectangular",
+    }
     padded = _padded_bytes(ragged)
-    if padded is not None:
+    kv_mib = {
+        "full": full["kv_mib"] / layers,
+        "masked": full["kv_mib"] / layers,  # kvpress keeps the whole cache
+        "padded": padded,
+        "ragged": ragged["kv_mib"] / layers,
+        "baseline": baseline["kv_mib"] / layers,
+    }
+    layouts = []
+    for kind, name in names.items():
+        if kv_mib[kind] is None:
+            continue
+        row = measured.get(kind)
         layouts.append(
-            {"name": f"{config.ragged_strategy} padded to the longest head", "kv_mib": padded, "decode_ms": None}
+            {
+                "name": name,
+                "kv_mib": kv_mib[kind],
+                "decode_ms": None if row is None else row["decode_ms"],
+                "compression_s": None if row is None or kind == "full" else row["compression_s"],
+            }
         )
-    layouts += [
-        {
-            "name": f"{config.ragged_strategy} ragged per-head storage (kvpress-mm)",
-            "kv_mib": ragged["kv_mib"] / layers,
-            "decode_ms": ragged["decode_ms"],
-        },
-        {
-            "name": f"{config.ragged_baseline} rectangular",
-            "kv_mib": baseline["kv_mib"] / layers,
-            "decode_ms": baseline["decode_ms"],
-        },
-    ]
     for layout in layouts:
         layout["share_of_full"] = ratio_or_none(layout["kv_mib"], full["kv_mib"] / layers)
         layout["decode_vs_rectangular"] = ratio_or_none(layout["decode_ms"], baseline["decode_ms"])
@@ -73,14 +81,16 @@ def ragged_table(summary: dict[str, Any]) -> list[str]:
     part = summary["ragged"]
     lines = [
         f"RAGGED STORAGE (L = {part['length']}, r = {part['ratio']}; KV bytes per layer, mean over layers; "
-        "decode ms/token and its ratio to the rectangular arm, measured interleaved)"
+        "decode ms/token and its ratio to the rectangular arm, measured interleaved; compr s = the compression, "
+        "all layers)"
     ]
-    header = f"{'cache layout':<52} {'KV MiB/layer':>12} {'of full':>7} {'decode ms':>9} {'vs rect':>7}"
+    header = f"{'cache layout':<52} {'KV MiB/layer':>12} {'of full':>7} {'compr s':>7} {'decode ms':>9} {'vs rect':>7}"
     lines += [header, "-" * len(header)]
     for layout in part["layouts"]:
         lines.append(
             f"{layout['name']:<52} {column(layout['kv_mib'], '12.3f')} {column(layout['share_of_full'], '7.3f')} "
-            f"{column(layout['decode_ms'], '9.1f')} {column(layout['decode_vs_rectangular'], '7.2f')}"
+            f"{column(layout['compression_s'], '7.3f')} {column(layout['decode_ms'], '9.1f')} "
+            f"{column(layout['decode_vs_rectangular'], '7.2f')}"
         )
     spread = part["longest_head_over_mean"]
     lines.append(
@@ -98,12 +108,13 @@ def ragged_markdown(summary: dict[str, Any]) -> list[str]:
             layout["name"],
             fmt(layout["kv_mib"], ".3f"),
             fmt(layout["share_of_full"], ".3f"),
+            fmt(layout["compression_s"], ".3f"),
             fmt(layout["decode_ms"], ".1f"),
             fmt(layout["decode_vs_rectangular"], ".2f"),
         ]
         for layout in part["layouts"]
     ]
-    header = ["cache layout", "KV MiB per layer", "share of full", "decode ms/token", "vs rectangular"]
+    header = ["cache layout", "KV MiB per layer", "share of full", "compression s", "decode ms/token", "vs rectangular"]
     spread = part["longest_head_over_mean"]
     title = f"**Ragged storage** (L = {part['length']}, r = {part['ratio']})"
     note = f"Longest head / mean head per layer: {fmt(spread['min'], '.2f')} to {fmt(spread['max'], '.2f')}."

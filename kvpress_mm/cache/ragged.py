@@ -107,8 +107,8 @@ Reader = Callable[[], bool]
 class RaggedLayer(DynamicLayer):
     """A cache layer storing each KV head in its own buffers, so heads may hold different lengths.
 
-    Built by :func:`apply_ragged_plan` from a layer and a ragged plan (the same object changes
-    class, as :meth:`GrowingLayer.adopt <kvpress_mm.cache.growing.GrowingLayer.adopt>` does).
+    Built by ``apply_ragged_plan`` (the session's plan application) from a layer and a ragged
+    plan: the same object changes class, as ``GrowingLayer.adopt`` does.
 
     Attributes:
         headroom: free entries allocated per head beyond what is needed when it grows.

@@ -21,7 +21,7 @@ class CompressionPlan:
     stores such a layer head by head (:class:`~kvpress_mm.cache.ragged.RaggedLayer`): the
     padding exists only in the index tensor, never in the stored keys and values. A plan whose
     heads keep equally many entries in every row is rectangular (``head_valid`` is ``None``,
-    :func:`ragged_plan` makes it so).
+    ``ragged_plan`` makes it so).
 
     Attributes:
         kept_indices: ``[batch, kv_heads, n_slots]`` long, positions (in the layer's current

@@ -93,7 +93,7 @@ def attend_ragged(
     Raises:
         UnsupportedCacheError: the strategy evicts while decoding (``h2o``'s ``decode_eviction``),
             which needs a rectangular layer.
-        UnsupportedModelError: attention weights are requested (``output_attentions``).
+        UnsupportedModelError: eager attention weights are requested (``output_attentions``).
         InvalidInputError: the layer holds another number of entries than the session expects.
 
     """
@@ -104,7 +104,10 @@ def attend_ragged(
             f"layer {layer_idx} holds ragged per-head storage (adakv) and the strategy evicts while decoding; "
             "decode-time eviction needs equally long heads: use decode_eviction=False (h2o, tova)"
         )
-    if attention_weights_requested(module) or attention.kwargs.get("output_attentions"):
+    # only eager returns attention weights (sdpa gives none, ragged or not); the check costs a lookup per call
+    if attention.wrapped == "eager" and (
+        attention_weights_requested(module) or attention.kwargs.get("output_attentions")
+    ):
         raise UnsupportedModelError(
             "attention weights (output_attentions) are not available for ragged per-head layers (adakv): "
             "their KV heads have different lengths. Generate without output_attentions"
