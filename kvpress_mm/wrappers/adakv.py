@@ -78,7 +78,7 @@ class AdaKV(Wrapper):
         if isinstance(inner, AdaKV):
             raise ValueError("adakv(adakv(...)) is meaningless: one adakv already shares each layer's budget")
         if not isinstance(inner, ScoredCompressor):
-            hint = f"; write {inner.name}(adakv(...)) instead" if isinstance(inner, Wrapper) else ""
+            hint = _outside_hint(inner)
             raise ValueError(
                 "adakv needs an inner strategy that scores entries (a ScoredCompressor); "
                 f"'{inner.name}' is not one{hint}"
@@ -106,6 +106,17 @@ class AdaKV(Wrapper):
         counts = self.head_counts(layer, scores, windows)
         plan = select_head_counts(layer, layer.selection_scores(scores, windows), windows, counts)
         return inner.finish(layer, plan)
+
+
+def _outside_hint(inner: Compressor) -> str:
+    """``"; write X(adakv(...)) instead"`` when the wrapper ``inner`` would take ``adakv`` as its inner strategy."""
+    if not isinstance(inner, Wrapper):
+        return ""
+    try:
+        type(inner).check_inner(AdaKV())
+    except ValueError:
+        return f"; {inner.name} and adakv do not compose either way"
+    return f"; write {inner.name}(adakv(...)) instead"
 
 
 @hookimpl

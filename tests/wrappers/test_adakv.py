@@ -85,6 +85,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"inner": "full"}, "adakv needs an inner strategy that scores entries (a ScoredCompressor); 'full' is not one"),
     ({"inner": {"strategy": "pyramid"}}, "write pyramid(adakv(...)) instead"),
     ({"inner": {"strategy": "mixkv"}}, "write mixkv(adakv(...)) instead"),
+    ({"inner": {"strategy": "modality-budget"}}, "modality-budget and adakv do not compose either way"),
     ({"inner": {"strategy": "adakv"}}, "adakv(adakv(...)) is meaningless"),
     ({"inner": "vl-cache"}, "two owners for one budget"),
     ({"inner": {"strategy": "lookm-average", "keep_all_text": True}}, "keep_all_text"),
