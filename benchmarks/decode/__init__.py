@@ -26,7 +26,12 @@ Arms (the same LLaVA, greedy decoding):
   prefill overhead);
 - the cache arms at ``--cache-length``: ``full`` with transformers' ``DynamicLayer`` (which
   re-copies the whole cache at every decode step: ``torch.cat``) and with kvpress-mm's
-  ``GrowingLayer`` (appends in place), a compressed strategy with either, native-K with either.
+  ``GrowingLayer`` (appends in place), a compressed strategy with either, native-K with either;
+- the ragged part at ``--cache-length``: ``adakv`` (``--ragged-strategy``; per-head budgets, stored
+  head by head) against its rectangular inner strategy ``snapkv`` (``--ragged-baseline``): KV bytes
+  per layer beside what kvpress's masking ``AdaKVPress`` keeps (the full cache) and what a layout
+  padded to each layer's longest head would keep, and the decode time of the per-head attention
+  against the rectangular one.
 
 Compressed arms use the session's default (compressed layers become ``GrowingLayer`` s) unless
 their cache is ``stock`` (``compressor(model, growing_cache=False)``). An uncompressed arm with
@@ -68,6 +73,6 @@ arms of every part), :mod:`~benchmarks.decode.inputs` (the LLaVA, its prompts),
 :mod:`~benchmarks.decode.processes` (a process per prompt length), then one module per part of
 the report - :mod:`~benchmarks.decode.grid`, :mod:`~benchmarks.decode.sweep` (with the native-K
 bound and the compression overhead), :mod:`~benchmarks.decode.memory`,
-:mod:`~benchmarks.decode.caches` - assembled by :mod:`~benchmarks.decode.report`, and
+:mod:`~benchmarks.decode.caches`, :mod:`~benchmarks.decode.ragged` - assembled by :mod:`~benchmarks.decode.report`, and
 :mod:`~benchmarks.decode.plot`; :mod:`~benchmarks.decode.cli` is the command line.
 """

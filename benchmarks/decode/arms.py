@@ -41,6 +41,10 @@ class Config:
     overhead_strategies: tuple[str, ...] = ("h2o",)
     cache_length: int = 8192
     cache_strategy: str = "snapkv"  # decode cost depends on the cache size only: the cheapest prefill
+    # the ragged part, at cache_length and sweep_ratio: this strategy (per-head budgets: ragged storage)
+    # against its rectangular inner strategy (adakv's default inner is snapkv, as configured here)
+    ragged_strategy: str = "adakv"
+    ragged_baseline: str = "snapkv"
     threads: int | None = None
     seed: int = 0
 
@@ -149,9 +153,24 @@ def cache_arms(config: Config) -> list[Arm]:
     ]
 
 
+def ragged_arms(config: Config) -> list[Arm]:
+    """The ragged part at ``cache_length``: full, the rectangular baseline and the ragged strategy (growing caches)."""
+    length, ratio = config.cache_length, config.sweep_ratio
+    return [
+        Arm(FULL, 0.0, length, "stock"),
+        Arm(config.ragged_baseline, ratio, length),
+        Arm(config.ragged_strategy, ratio, length),
+    ]
+
+
 def plan_arms(config: Config) -> dict[str, list[Arm]]:
     """The arms of every part (an arm may serve several parts; it runs once)."""
-    return {"grid": grid_arms(config), "sweep": sweep_arms(config), "caches": cache_arms(config)}
+    return {
+        "grid": grid_arms(config),
+        "sweep": sweep_arms(config),
+        "caches": cache_arms(config),
+        "ragged": ragged_arms(config),
+    }
 
 
 def unique_arms(parts: dict[str, list[Arm]]) -> list[Arm]:

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--cache-length", type=int, default=None)
     parser.add_argument("--cache-strategy", default=None)
+    parser.add_argument("--ragged-strategy", default=None, help="per-head budgets (default adakv)")
+    parser.add_argument("--ragged-baseline", default=None, help="its rectangular counterpart (default snapkv)")
     add_model_arguments(parser, None)  # default None: an option given overrides --quick's value
     parser.add_argument("--image-tokens", type=int, default=None, help="placeholders per image")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -88,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
     config = Config(**QUICK) if args.quick else Config()  # type: ignore[arg-type]
     config = replace(config, **config_values(Config, args, given_only=True))
-    for name in (*config.grid_strategies, *config.sweep_strategies, *config.overhead_strategies, config.cache_strategy):
+    names = (*config.grid_strategies, *config.sweep_strategies, *config.overhead_strategies, config.cache_strategy)
+    for name in (*names, config.ragged_strategy, config.ragged_baseline):
         compressor_from_spec(name, 0.5)  # unknown names (or refused wrapper specs) fail early
     return config
 

@@ -25,6 +25,7 @@ class PrefillTimer(StepTimer):
         self.prefill_peak = 0
         self.held = self.allocated = 0
         self.layer_types: list[str] = []
+        self.head_lengths: list[list[int]] | None = None
 
     def at_prefill_end(self) -> None:
         if self.probe is not None:
@@ -32,6 +33,21 @@ class PrefillTimer(StepTimer):
         self.prefill_peak = peak_rss_bytes()
         self.held, self.allocated = cache_sizes(self.cache)
         self.layer_types = sorted({type(layer).__name__ for layer in self.cache.layers})
+        self.head_lengths = head_lengths(self.cache)
+
+
+def head_lengths(cache: Any) -> list[list[int]] | None:
+    """Entries held by each KV head of each layer (a rectangular layer: its length for every head); ``None``
+    when no layer is ragged."""
+    from kvpress_mm.cache.ragged import RaggedLayer
+
+    layers = cache.layers
+    if not any(isinstance(layer, RaggedLayer) for layer in layers):
+        return None
+    return [
+        layer.head_lengths if isinstance(layer, RaggedLayer) else [layer.get_seq_length()] * layer.keys.shape[1]
+        for layer in layers
+    ]
 
 
 def prefill_once(model: Any, arm: Arm, prompt: Prompt, probe: CompressionProbe | None = None) -> dict[str, Any]:
@@ -67,6 +83,7 @@ def prefill_once(model: Any, arm: Arm, prompt: Prompt, probe: CompressionProbe |
         "kv_bytes_held": timer.held,
         "kv_bytes_allocated": timer.allocated,
         "cache_layer_types": timer.layer_types,
+        "head_lengths": timer.head_lengths,
         "report": None
         if report is None
         else {
@@ -99,6 +116,7 @@ FIRST_PREFILL = (
     "kv_bytes_held",
     "kv_bytes_allocated",
     "cache_layer_types",
+    "head_lengths",
     "report",
 )
 
@@ -144,6 +162,7 @@ def derive_growing(model: Any, arm: Arm, source: dict[str, Any]) -> tuple[dict[s
         "kv_bytes_held": held,
         "kv_bytes_allocated": allocated,
         "cache_layer_types": sorted({type(layer).__name__ for layer in cache.layers}),
+        "head_lengths": None,
         "report": None,
     }
     return _figures(model, arm, arm.derived_from, measured), state

@@ -10,6 +10,7 @@ from benchmarks.decode.caches import caches_markdown, caches_table, summarize_ca
 from benchmarks.decode.grid import grid_markdown, grid_table, summarize_grid
 from benchmarks.decode.memory import LINEAR_TOLERANCE, memory_markdown, memory_table, summarize_memory
 from benchmarks.decode.processes import DECODE_MMAP_THRESHOLD
+from benchmarks.decode.ragged import ragged_markdown, ragged_table, summarize_ragged
 from benchmarks.decode.sweep import (
     NATIVE_TARGET,
     overhead_markdown,
@@ -47,6 +48,7 @@ def row_of(result: dict[str, Any]) -> dict[str, Any]:
         "kv_allocated_mib": result["kv_bytes_allocated"] / 2**20,
         "weight_mib": result["weight_bytes"] / 2**20,
         "cache_layer_types": result["cache_layer_types"],
+        "head_lengths": result.get("head_lengths"),
     }
 
 
@@ -59,6 +61,7 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
     overheads = overhead_targets(sweep, cpu)
     memory = summarize_memory(config, sweep)
     caches = summarize_caches(config, rows)
+    ragged = summarize_ragged(config, rows)
     return {
         "benchmark": "decode",
         "config": asdict(config),
@@ -74,6 +77,7 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
         "overhead_targets": overheads,
         "memory": memory,
         "caches": caches,
+        "ragged": ragged,
         "all_native_targets_met": all(r["native_met"] for e in sweep for r in e["strategies"].values()),
         "allocator": {
             "prefill": "glibc, MALLOC_MMAP_THRESHOLD_=131072 (process isolation)",
@@ -84,7 +88,7 @@ def summarize(config: Config, results: dict[str, dict[str, Any]]) -> dict[str, A
 
 
 def format_tables(summary: dict[str, Any]) -> str:
-    """The printed report: model, grid, sweep, overhead, memory, cache arms."""
+    """The printed report: model, grid, sweep, overhead, memory, cache arms, ragged storage."""
     config, machine = summary["config"], summary["machine"]
     lines = [
         f"decode: LLaVA (Llama text model hidden {config['hidden']}, MLP {config['intermediate']}, "
@@ -97,7 +101,7 @@ def format_tables(summary: dict[str, Any]) -> str:
         "(CPU time with one thread, else wall; 'ovh wall' = wall time), 'ovh dir' = 1 + compression / "
         "(prefill - compression); peak = RSS high-water growth of the prefill, step = of the largest compression step",
     ]
-    for part in (grid_table, sweep_table, overhead_table, memory_table, caches_table):
+    for part in (grid_table, sweep_table, overhead_table, memory_table, caches_table, ragged_table):
         lines += ["", *part(summary)]
     lines += [
         "",
@@ -109,5 +113,5 @@ def format_tables(summary: dict[str, Any]) -> str:
 
 def format_markdown(summary: dict[str, Any]) -> str:
     """The tables of :func:`format_tables` as Markdown (for docs/performance.md)."""
-    parts = (grid_markdown, sweep_markdown, overhead_markdown, memory_markdown, caches_markdown)
+    parts = (grid_markdown, sweep_markdown, overhead_markdown, memory_markdown, caches_markdown, ragged_markdown)
     return "\n\n".join("\n".join(part(summary)) for part in parts) + "\n"

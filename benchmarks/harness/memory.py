@@ -81,15 +81,15 @@ def release_free_memory() -> None:
 
 
 def cache_sizes(cache: Any) -> tuple[int, int]:
-    """``(bytes held, bytes allocated)`` of a cache's keys and values (a growing layer's headroom counts)."""
-    import torch
+    """``(bytes held, bytes allocated)`` of a cache's keys and values (a growing layer's headroom counts).
+
+    Held bytes are the library's count (``kv_bytes``: a ragged layer's heads' real lengths).
+    """
+    from kvpress_mm.cache.surgery import kv_bytes
 
     held = allocated = 0
     for layer in getattr(cache, "layers", ()):
-        layer_held = 0
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                layer_held += tensor.numel() * tensor.element_size()
+        layer_held = kv_bytes(layer)
         allocated_bytes = getattr(layer, "allocated_bytes", None)
         held += layer_held
         allocated += int(allocated_bytes()) if callable(allocated_bytes) else layer_held

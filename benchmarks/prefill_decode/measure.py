@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 NO_COMPRESSOR = "none"
 #: Wrappers measured around their papers' usual inner strategy (an arm is a strategy spec: wrappers
 #: outermost first, ``kvpress_mm.apps.run.compressor_from_spec``).
-WRAPPER_ARMS: tuple[str, ...] = ("pyramid:snapkv", "modality-budget:snapkv", "mixkv:snapkv")
+WRAPPER_ARMS: tuple[str, ...] = ("pyramid:snapkv", "modality-budget:snapkv", "mixkv:snapkv", "adakv:snapkv")
 ALL_STRATEGIES = (
     *BUILTIN_STRATEGIES,
     *WRAPPER_ARMS,

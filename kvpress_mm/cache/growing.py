@@ -50,6 +50,20 @@ DEFAULT_HEADROOM = 128
 DEFAULT_GROWTH = 2.0
 
 
+def grown_capacity(needed: int, current: int, base: int, headroom: int, growth: float) -> int:
+    """The capacity of a buffer that must hold ``needed`` entries and now holds ``current`` (0: none yet).
+
+    ``max(needed + headroom, base + ceil((current - base) * growth))``: geometric growth in the
+    entries beyond the ``base`` ones (the entries a layer adopted at construction, never doubled).
+
+    >>> grown_capacity(5, 0, 0, 4, 2.0), grown_capacity(11, 9, 0, 4, 2.0), grown_capacity(101, 100, 100, 4, 2.0)
+    (9, 18, 105)
+    """
+    base = min(base, current)
+    grown = base + math.ceil((current - base) * growth) if current else 0
+    return max(needed + headroom, grown)
+
+
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values grow in place in a preallocated buffer.
 
@@ -261,9 +275,7 @@ class GrowingLayer(DynamicLayer):
     # -- buffer management ------------------------------------------------------------------
 
     def _capacity_for(self, needed: int, current: int = 0) -> int:
-        base = min(self._base, current)
-        grown = base + math.ceil((current - base) * self.growth) if current else 0
-        return max(needed + self.headroom, grown)
+        return grown_capacity(needed, current, self._base, self.headroom, self.growth)
 
     def _allocate(
         self, like: torch.Tensor, capacity: int, count: bool, dtype: torch.dtype | None = None
@@ -366,8 +378,9 @@ def grow_in_place(layer: Any, headroom: int = DEFAULT_HEADROOM) -> None:
     """Make a compressed ``DynamicLayer`` a :class:`GrowingLayer` (the same object) holding exactly its entries.
 
     Decode steps then append in place instead of copying the whole cache; the first one
-    reallocates once with ``headroom`` free entries. A ``GrowingLayer`` is left as it is, and so
-    is a layer of any other class (a quantized layer keeps its own storage).
+    reallocates once with ``headroom`` free entries. Any other layer (a ``GrowingLayer``, a
+    :class:`~kvpress_mm.cache.ragged.RaggedLayer`, which grows head by head, a quantized layer,
+    which keeps its own storage) is left as it is.
     """
     if type(layer) is DynamicLayer:
         GrowingLayer.adopt(layer, headroom=headroom, exact=True)

@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvpress_mm.cache import quantized
 from kvpress_mm.cache.growing import GrowingLayer
+from kvpress_mm.cache.ragged import RaggedLayer, apply_ragged_plan
 from kvpress_mm.errors import UnsupportedCacheError
 from kvpress_mm.ops.plan import CompressionPlan, gather_entries
 
@@ -52,8 +53,13 @@ def apply_plan(
     attention call received (the default, ``layer.keys`` / ``layer.values``, is the same thing for
     a ``DynamicLayer``). A quantized layer holds them only quantized, so they must be given: the
     kept entries are then quantized from them (:func:`~kvpress_mm.cache.quantized.store`).
-    Otherwise the new tensors own storage of exactly ``n_slots`` entries.
+    Otherwise the new tensors own storage of exactly ``n_slots`` entries. A ragged plan
+    (``plan.head_valid`` set) makes the layer a :class:`~kvpress_mm.cache.ragged.RaggedLayer`
+    instead, each KV head stored on its own (not on quantized layers: a clear error).
     """
+    if plan.head_valid is not None:
+        apply_ragged_plan(layer, plan)
+        return
     if quantized.is_quantized(layer):
         if keys is None or values is None:
             raise ValueError("apply_plan on a quantized cache layer needs the keys and values the plan indexes")
@@ -68,9 +74,14 @@ def apply_plan(
 
 
 def kv_bytes(layer: object) -> int:
-    """Bytes held by a cache layer's keys and values (a quantized layer's store and residual)."""
+    """Bytes held by a cache layer's keys and values.
+
+    A quantized layer: its store and residual window; a ragged layer: the sum of its heads' entries.
+    """
     if quantized.is_quantized(layer):
         return quantized.stored_bytes(layer)
+    if isinstance(layer, RaggedLayer):
+        return layer.stored_bytes()
     keys = getattr(layer, "keys", None)
     values = getattr(layer, "values", None)
     total = 0
@@ -124,3 +135,20 @@ def check_cache_layers(cache: Any, *, evicts_while_decoding: bool = False, strat
             raise unsupported_cache_layer(layer, layer_idx)
     if evicts_while_decoding:
         quantized.check_decode_eviction(cache, strategy)
+
+
+def check_decode_eviction(cache: Any, strategy: str) -> None:
+    """Refuse, before a call continues ``cache``, a strategy that evicts while decoding where it cannot.
+
+    Quanto / HQQ layers (each eviction would re-quantize the whole cache:
+    :func:`~kvpress_mm.cache.quantized.check_decode_eviction`) and ragged layers (decode-time
+    eviction keeps every head at one budget; ragged heads hold different numbers of entries).
+    """
+    quantized.check_decode_eviction(cache, strategy)
+    for layer_idx, layer in enumerate(getattr(cache, "layers", None) or ()):
+        if isinstance(layer, RaggedLayer):
+            raise UnsupportedCacheError(
+                f"{strategy} evicts cache entries while decoding, but layer {layer_idx} of this cache stores ragged "
+                "per-head layers (adakv), and decode-time eviction needs equally long heads: use "
+                "decode_eviction=False (h2o, tova)"
+            )

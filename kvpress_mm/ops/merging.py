@@ -15,6 +15,7 @@ Kept entries with nothing assigned are unchanged (bit for bit). Computed in floa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -126,45 +127,77 @@ def _merged(
     return kept.float() / 2 + totals / (2 * (1 + count[..., None]))
 
 
-def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> CompressionPlan:
-    """The plan with every evicted real entry of each row merged into its kept entries.
+@dataclass
+class _HeadGroup:
+    """KV heads of one row that keep equally many entries (all heads of a rectangular plan), and their assignment."""
 
-    The kept set is unchanged; only kept entries that received evicted entries change.
-    """
-    merged_keys = gather_entries(layer.keys, plan.kept_indices)
-    merged_values = gather_entries(layer.values, plan.kept_indices)
-    heads = layer.kv_heads
-    for b in range(layer.batch_size):
-        first = plan.n_slots - int(plan.slot_valid[b].sum())  # filler slots come first
-        kept_idx = plan.kept_indices[b, :, first:]  # [H, n]
-        n = kept_idx.shape[1]
-        is_evicted = layer.key_valid[b].expand(heads, -1).clone()
+    heads: slice | torch.Tensor  # which KV heads: all of them (a slice: views, no copies), or [G] long
+    first: int  # their first real slot (filler slots come first)
+    kept_idx: torch.Tensor  # [G, n] positions of the kept entries
+    evicted_idx: torch.Tensor  # [G, m] positions of the evicted real entries, ascending
+    target: torch.Tensor  # [G, m] each evicted entry's kept slot
+    similarity: torch.Tensor  # [G, m] its cosine similarity to that slot's key
+
+
+def _head_groups(layer: LayerView, plan: CompressionPlan, merged_keys: torch.Tensor, b: int) -> list[_HeadGroup]:
+    """Row ``b``'s heads grouped by how many entries they keep, each group's evicted entries assigned."""
+    real_per_head = plan.valid_per_head()[b].sum(-1)  # [H]
+    groups = []
+    for n in sorted(set(real_per_head.tolist()) - {0}):  # a head that keeps nothing has nothing to merge into
+        members = (real_per_head == n).nonzero().squeeze(-1)
+        heads: slice | torch.Tensor = slice(None) if members.numel() == layer.kv_heads else members
+        first = plan.n_slots - int(n)
+        kept_idx = plan.kept_indices[b, heads, first:]  # [G, n]
+        is_evicted = layer.key_valid[b].expand(members.numel(), -1).clone()
         is_evicted.scatter_(1, kept_idx, False)
         m = int(is_evicted[0].sum())
         if m == 0:
             continue
-        evicted_idx = is_evicted.nonzero()[:, 1].view(heads, m)  # [H, m] ascending
-        keys = layer.keys[b]  # [H, P, D]
-        kept_k = merged_keys[b, :, first:]  # the kept keys, gathered above
+        evicted_idx = is_evicted.nonzero()[:, 1].view(members.numel(), m)  # [G, m] ascending
+        keys = layer.keys[b, heads]  # [G, P, D]
+        kept_k = merged_keys[b, heads, first:]  # the kept keys, gathered already
         evicted_k = gather_entries(keys[None], evicted_idx[None])[0]
         target, similarity = assign_evicted(evicted_k, kept_k)
-        # each position's slot: kept entries their own, evicted ones their target, padding none (n)
-        slot_of = torch.full(is_evicted.shape, n, dtype=torch.long, device=keys.device)
-        slot_of.scatter_(1, kept_idx, torch.arange(n, device=keys.device).expand(heads, -1))
-        weight = None
-        if mode == "weighted":
-            merged = similarity >= similarity.mean()  # mean over all KV heads of the row
-            slot_of.scatter_(1, evicted_idx, torch.where(merged, target, n))
-            weight = torch.ones(is_evicted.shape, dtype=torch.float32, device=keys.device)
-            weight.scatter_(1, evicted_idx, similarity)
-        else:
-            merged = torch.ones_like(similarity, dtype=torch.bool)
-            slot_of.scatter_(1, evicted_idx, target)
-        count = torch.zeros(heads, n, device=keys.device).scatter_add_(1, target, merged.float())  # n_c
-        # one index_add per tensor over the flattened (head, slot) rows, slot n of each head dropped
-        flat_slots = (slot_of + torch.arange(heads, device=keys.device)[:, None] * (n + 1)).flatten()
-        pivotal = mode == "pivotal"
-        for out, source in ((merged_keys, keys), (merged_values, layer.values[b])):
-            kept = out[b, :, first:]  # the row's kept entries, gathered above
-            out[b, :, first:] = _merged(source, kept, flat_slots, weight, count, pivotal).to(out.dtype)
+        groups.append(_HeadGroup(heads, first, kept_idx, evicted_idx, target, similarity))
+    return groups
+
+
+def merge_evicted(layer: LayerView, plan: CompressionPlan, mode: MergeMode) -> CompressionPlan:
+    """The plan with every evicted real entry of each row merged into its kept entries.
+
+    The kept set is unchanged; only kept entries that received evicted entries change. In a
+    ragged plan (``adakv``: the heads of a row keep different numbers of entries) each head
+    merges into its own kept entries; ``weighted``'s threshold is still the mean over all
+    evicted entries of all KV heads of the row.
+    """
+    merged_keys = gather_entries(layer.keys, plan.kept_indices)
+    merged_values = gather_entries(layer.values, plan.kept_indices)
+    pivotal = mode == "pivotal"
+    for b in range(layer.batch_size):
+        groups = _head_groups(layer, plan, merged_keys, b)
+        if not groups:
+            continue
+        threshold = torch.cat([g.similarity.flatten() for g in groups]).mean()  # over all KV heads of the row
+        for group in groups:
+            heads, first, target, similarity = group.heads, group.first, group.target, group.similarity
+            g, n = group.kept_idx.shape
+            device = target.device
+            # each position's slot: kept entries their own, evicted ones their target, padding none (n)
+            slot_of = torch.full((g, layer.seq_len), n, dtype=torch.long, device=device)
+            slot_of.scatter_(1, group.kept_idx, torch.arange(n, device=device).expand(g, -1))
+            weight = None
+            if mode == "weighted":
+                merged = similarity >= threshold
+                slot_of.scatter_(1, group.evicted_idx, torch.where(merged, target, n))
+                weight = torch.ones(slot_of.shape, dtype=torch.float32, device=device)
+                weight.scatter_(1, group.evicted_idx, similarity)
+            else:
+                merged = torch.ones_like(similarity, dtype=torch.bool)
+                slot_of.scatter_(1, group.evicted_idx, target)
+            count = torch.zeros(g, n, device=device).scatter_add_(1, target, merged.float())  # n_c
+            # one index_add per tensor over the flattened (head, slot) rows, slot n of each head dropped
+            flat_slots = (slot_of + torch.arange(g, device=device)[:, None] * (n + 1)).flatten()
+            for out, source in ((merged_keys, layer.keys[b, heads]), (merged_values, layer.values[b, heads])):
+                kept = out[b, heads, first:]  # the group's kept entries, gathered above
+                out[b, heads, first:] = _merged(source, kept, flat_slots, weight, count, pivotal).to(out.dtype)
     return plan.with_merged(merged_keys, merged_values)

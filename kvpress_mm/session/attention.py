@@ -60,6 +60,17 @@ class AttentionCall:
         """The model's own attention of this call, with ``attention_mask``."""
         return self.original(self.module, self.query, self.key, self.value, attention_mask, **self.kwargs)
 
+    def mask_from_visible(self, visible: torch.Tensor) -> torch.Tensor:
+        """``visible [B, q, kv]`` bool as the wrapped implementation's mask ``[B, 1, q, kv]``.
+
+        sdpa takes the bool mask (True = attend); eager adds a float mask, 0 where visible and the
+        dtype's minimum elsewhere.
+        """
+        if self.wrapped == "sdpa":
+            return visible[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.query.dtype, device=visible.device)
+        return mask.masked_fill(~visible, torch.finfo(self.query.dtype).min)[:, None]
+
 
 class AttentionRoute(Protocol):
     """What the wrapper hands a layer's attention call to (a :class:`~kvpress_mm.CompressionSession`)."""

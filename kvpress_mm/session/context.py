@@ -30,7 +30,7 @@ from torch import nn
 
 from kvpress_mm.adapters.base import ModelAdapter
 from kvpress_mm.cache.growing import grow_in_place
-from kvpress_mm.cache.surgery import apply_plan, check_cache_layers, kv_bytes
+from kvpress_mm.cache.surgery import apply_plan, check_cache_layers, check_decode_eviction, kv_bytes
 from kvpress_mm.errors import CompressorAlreadyActiveError, UnsupportedModelError
 from kvpress_mm.modality import Modality
 from kvpress_mm.ops.plan import CompressionPlan
@@ -48,6 +48,7 @@ from kvpress_mm.session.calls import CallInfo, call_tokens, continuation_call, p
 from kvpress_mm.session.decode import attend_compressed
 from kvpress_mm.session.generation import Drafting, instrument_generate, require_cache_backend
 from kvpress_mm.session.prefill import fused_prefill_attention, plan_deferred_layers, plan_layer, prefill_view
+from kvpress_mm.session.ragged import attend_ragged, claim_ragged_layer, ragged_layer
 from kvpress_mm.session.state import LayerState, state_of
 
 
@@ -269,13 +270,14 @@ class CompressionSession:
                 False, int(tokens.shape[1]), torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             )
             return
-        eviction = self._eviction()
-        if eviction["evicts_while_decoding"]:  # the strategy that compressed the cache may not have evicted
-            check_cache_layers(cache, **eviction)
+        if self.compressor.evicts_while_decoding:  # the strategy that compressed the cache may not have evicted
+            check_decode_eviction(cache, type(self.compressor).__name__)
         self._call = continuation_call(self._adapter, self.model, inputs, tokens, state)
 
     def _before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        # a ragged layer accepts new entries only while a session that can read it is active
+        claim_ragged_layer(self._cache, module, self)
 
     def _after_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
@@ -347,6 +349,9 @@ class CompressionSession:
         if layer_state is None:
             return attention.run_original(attention.attention_mask)
         decodes = self.compressor.acts_while_decoding
+        ragged = ragged_layer(cache, attention.layer_idx)
+        if ragged is not None:  # KV heads of different lengths: attention head by head
+            return attend_ragged(call, layer_state, attention, ragged, decodes)
         output, plan = attend_compressed(self.compressor, call, layer_state, attention, decodes)
         if plan is None:  # nothing to apply: hold no reference to the step's keys and values
             self._pending[attention.layer_idx] = (None, layer_state, False, None, None)

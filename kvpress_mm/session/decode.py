@@ -54,11 +54,7 @@ def attend_compressed(
     mask: torch.Tensor | None = None
     if not (q_len == 1 and layer_state.slot_valid is None and call.new_all_valid):
         visible = visible_keys(layer_state, call, q_len, key.device)
-        if attention.wrapped == "sdpa":
-            mask = visible[:, None]
-        else:
-            mask = torch.zeros(visible.shape, dtype=query.dtype, device=key.device)
-            mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)[:, None]
+        mask = attention.mask_from_visible(visible)
     output = attention.run_original(mask)
     if layer_state.slot_valid is None and call.new_all_valid:
         slot_valid = None

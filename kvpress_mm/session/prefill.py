@@ -21,6 +21,7 @@ from kvpress_mm.ops.scoring import attention_with_column_sums
 from kvpress_mm.ops.views import LayerView
 from kvpress_mm.session.attention import AttentionCall, MaskChecks, fusable
 from kvpress_mm.session.calls import CallInfo
+from kvpress_mm.session.ragged import check_head_valid
 from kvpress_mm.session.state import CacheState, LayerState, attach_state, rollback_refusal, state_of
 
 
@@ -150,8 +151,9 @@ def check_plan(name: str, plan: CompressionPlan, view: LayerView) -> None:
         )
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= view.seq_len):
         raise InvalidPlanError(f"{name}: kept_indices out of range [0, {view.seq_len})")
+    check_head_valid(name, plan, view)
     kept_modality = view.modality.gather(1, kept.flatten(1)).view_as(kept)
-    if bool((kept_modality == Modality.PADDING)[valid[:, None, :].expand_as(kept)].any()):
+    if bool((kept_modality == Modality.PADDING)[plan.valid_per_head()].any()):
         raise InvalidPlanError(f"{name}: the plan keeps padding entries")
     for tensor, what in ((plan.keys, "keys"), (plan.values, "values")):
         if tensor is not None and tuple(tensor.shape) != (*kept.shape, view.keys.shape[-1]):

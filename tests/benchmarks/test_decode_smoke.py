@@ -53,7 +53,8 @@ def test_tiny_decode_run_reports_every_part(tmp_path: Path, capsys: pytest.Captu
     decode.main(argv)
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
-    for part in ("GRID", "LENGTH SWEEP", "COMPRESSION OVERHEAD", "PEAK MEMORY", "CACHE ARMS", "native-K target"):
+    parts = ("GRID", "LENGTH SWEEP", "COMPRESSION OVERHEAD", "PEAK MEMORY", "CACHE ARMS", "RAGGED STORAGE")
+    for part in (*parts, "native-K target"):
         assert part in printed
     assert "wall time:" in printed
     assert (tmp_path / "decode.png").stat().st_size > 0
@@ -127,6 +128,20 @@ def test_tiny_decode_run_reports_every_part(tmp_path: Path, capsys: pytest.Captu
     assert caches["full, stock cache"]["bytes_bound"] == 1.0
     assert caches["full, our growing cache"]["kv_mib"] == caches["full, stock cache"]["kv_mib"]
     assert caches["snapkv, our growing cache"]["bytes_bound"] > 1.0
+
+    # ragged storage: adakv stores exactly snapkv's bytes (the same total, per-head lengths), far below masking
+    ragged = summary["ragged"]
+    layouts = {row["name"]: row for row in ragged["layouts"]}
+    assert ragged["ragged_bytes_equal_rectangular"]
+    assert "RaggedLayer" in ragged["ragged_layer_types"], "the tiny run should give some layer uneven heads"
+    exact = layouts["adakv ragged per-head storage (kvpress-mm)"]
+    assert exact["kv_mib"] * 2**20 * 2 == pytest.approx(n_keep_for(200, 0.8) * ENTRY_BYTES, abs=16)
+    assert layouts["kvpress AdaKVPress (masks, keeps every entry)"]["share_of_full"] == 1.0
+    padded = layouts["adakv padded to the longest head"]
+    assert exact["kv_mib"] < padded["kv_mib"] < layouts["full (no compression)"]["kv_mib"]
+    lengths = ragged["head_lengths"]
+    assert [sum(layer) for layer in lengths] == [4 * n_keep_for(200, 0.8)] * 2  # kv heads x n_keep, every layer
+    assert exact["decode_ms"] > 0 and ragged["decode_ratio"] is not None
 
 
 def test_one_prompt_length_in_a_fresh_process() -> None:

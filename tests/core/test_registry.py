@@ -56,6 +56,7 @@ BUILTINS = {
     "pyramid": "wrappers.pyramid",
     "modality-budget": "wrappers.modality_budget",
     "mixkv": "wrappers.mixkv",
+    "adakv": "wrappers.adakv",
 }
 
 # every module the plugin fixtures define; dropped from sys.modules after each test
@@ -183,7 +184,7 @@ def test_hook_specs_take_a_register_callback() -> None:
 
 def test_list_strategies_is_exactly_the_builtins_without_autoload(no_autoload: None) -> None:
     assert list_strategies() == sorted(BUILTINS)
-    assert len(list_strategies()) == 15
+    assert len(list_strategies()) == 16
 
 
 # the built-in adapter modules in the order they are tried: by name, the fallback (generic) last
@@ -514,6 +515,6 @@ def test_builtin_strategy_names_are_the_registered_builtins() -> None:
     from kvpress_mm.wrappers import BUILTIN_WRAPPERS
 
     assert len(set(BUILTIN_STRATEGIES)) == len(BUILTIN_STRATEGIES) == 12
-    assert len(set(BUILTIN_WRAPPERS)) == len(BUILTIN_WRAPPERS) == 3
+    assert len(set(BUILTIN_WRAPPERS)) == len(BUILTIN_WRAPPERS) == 4
     assert set(BUILTIN_STRATEGIES) | set(BUILTIN_WRAPPERS) <= set(list_strategies())
     assert set(LAYER_ADAPTIVE_STRATEGIES) <= set(BUILTIN_STRATEGIES)

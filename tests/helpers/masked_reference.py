@@ -51,6 +51,13 @@ class AppliedPlan:
     length_after: int
     keys: torch.Tensor | None = None  # the plan's merged keys / values (LOOK-M merges), if any
     values: torch.Tensor | None = None
+    head_valid: torch.Tensor | None = None  # [B, kvH, n_slots] of a ragged plan (adakv)
+
+    def valid_per_head(self) -> torch.Tensor:
+        """``[B, kvH, n_slots]``: which slots of each head are real."""
+        if self.head_valid is not None:
+            return self.head_valid
+        return self.slot_valid[:, None, :].expand_as(self.kept_indices)
 
 
 class PlanRecorder:
@@ -76,9 +83,10 @@ class PlanRecorder:
                     slot_valid=plan.slot_valid.detach().clone(),
                     merged=plan.keys is not None or plan.values is not None,
                     length_before=before,
-                    length_after=int(layer.get_seq_length()),
+                    length_after=int(layer.get_seq_length()),  # a ragged layer: its longest head
                     keys=plan.keys,
                     values=plan.values,
+                    head_valid=None if plan.head_valid is None else plan.head_valid.detach().clone(),
                 )
             )
 
@@ -142,7 +150,7 @@ def compressed_visibility(
     assert first.length_before == prompt_width, "the first recorded plan must be the prefill plan"
     b, kv_heads, _ = first.kept_indices.shape
     vis = prompt_visibility(attention_mask, prompt_width, total)[:, None].repeat(1, kv_heads, 1, 1)
-    columns = first.kept_indices.masked_fill(~first.slot_valid[:, None, :], -1)  # [B, kvH, n]
+    columns = first.kept_indices.masked_fill(~first.valid_per_head(), -1)  # [B, kvH, n]
     remaining = list(plans[1:])
     col = prompt_width
     for q_len in call_lengths:
@@ -150,6 +158,7 @@ def compressed_visibility(
         # the cached columns as a [B, kvH, T] bool (filler slots, -1, go to a dropped extra column)
         cached = torch.zeros(b, kv_heads, total + 1, dtype=torch.bool)
         cached.scatter_(-1, columns.masked_fill(columns < 0, total), True)
+        cached[..., :total] &= attention_mask.bool()[:, None, :]  # padding tokens of a call stay hidden
         for i in range(q_len):
             vis[:, :, col + i] = cached[..., :total]
             vis[:, :, col + i, col : col + i + 1] = attention_mask.bool()[:, None, col : col + i + 1]
@@ -157,7 +166,7 @@ def compressed_visibility(
         if decode_plans:
             step = remaining.pop(0)
             assert step.length_before == columns.shape[-1], "decode plans out of step with the calls"
-            columns = columns.gather(-1, step.kept_indices).masked_fill(~step.slot_valid[:, None, :], -1)
+            columns = columns.gather(-1, step.kept_indices).masked_fill(~step.valid_per_head(), -1)
         col += q_len
     assert col == total, f"calls cover {col} columns, the attention mask has {total}"
     assert not remaining, f"{len(remaining)} recorded plans left over"
@@ -168,7 +177,8 @@ def kept_prompt_columns(plans: Sequence[AppliedPlan]) -> list[list[torch.Tensor]
     """Per row, per KV head: the prompt columns the prefill plan kept (filler slots dropped)."""
     first = plans[0]
     b, kv_heads, _ = first.kept_indices.shape
-    return [[first.kept_indices[r, h][first.slot_valid[r]] for h in range(kv_heads)] for r in range(b)]
+    valid = first.valid_per_head()
+    return [[first.kept_indices[r, h][valid[r, h]] for h in range(kv_heads)] for r in range(b)]
 
 
 # -- the masked reference forward -------------------------------------------------------------

@@ -153,9 +153,9 @@ def real_positions(modality_row: torch.Tensor) -> list[int]:
 
 
 def kept_rows(plan: CompressionPlan, b: int) -> list[list[int]]:
-    """Per KV head, the kept positions of row ``b``'s valid slots (in slot order)."""
-    valid = plan.slot_valid[b]
-    return [plan.kept_indices[b, h][valid].tolist() for h in range(plan.kept_indices.shape[1])]
+    """Per KV head, the kept positions of row ``b``'s valid slots (in slot order; a ragged plan: each head's own)."""
+    valid = plan.valid_per_head()[b]
+    return [plan.kept_indices[b, h][valid[h]].tolist() for h in range(plan.kept_indices.shape[1])]
 
 
 # ----------------------------------------------------------------------------- references

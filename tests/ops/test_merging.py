@@ -45,12 +45,14 @@ def naive_merge(
     ambiguous = False
     for b in range(view.batch_size):
         real = real_positions(view.modality[b])
-        valid = plan.slot_valid[b].tolist()
-        slots = [i for i, v in enumerate(valid) if v]
+        valid = plan.valid_per_head()[b].tolist()  # a ragged plan (adakv): each head its own slots
+        slots_of = [[i for i, v in enumerate(head) if v] for head in valid]
         # (head, evicted position, target slot, similarity) for every evicted entry of the row
         assignments: list[tuple[int, int, int, float]] = []
         for h in range(view.kv_heads):
-            kept = {int(plan.kept_indices[b, h, i]): i for i in slots}
+            kept = {int(plan.kept_indices[b, h, i]): i for i in slots_of[h]}
+            if not kept:  # a head that keeps nothing (adakv) merges nothing
+                continue
             keys = view.keys[b, h].double().tolist()
             for e in real:
                 if e in kept:
@@ -69,7 +71,7 @@ def naive_merge(
             keys = view.keys[b, h].double().tolist()
             values = view.values[b, h].double().tolist()
             merged = {}
-            for slot in slots:
+            for slot in slots_of[h]:
                 c = int(plan.kept_indices[b, h, slot])
                 sources = [(e, w) for hh, e, s, w in assignments if hh == h and s == slot]
                 if not sources:

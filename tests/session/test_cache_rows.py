@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 import tests.helpers.tiny_qwen_vlms as qwen
 from kvpress_mm import Compressor
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.session.state import state_of
+from tests.helpers.beams import ForceTokens, teacher_forced_log_probs
 from tests.helpers.masked_reference import cache_of
 from tests.helpers.tiny_models import (
     assert_same_model_state,
@@ -56,26 +57,6 @@ def _ids(case: tuple[str, dict[str, Any]]) -> str:
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
-
-
-class ForceTokens(LogitsProcessor):
-    """Greedy decoding forced to produce ``tokens [B, T]`` (teacher forcing through generate)."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        self.tokens = tokens
-        self.step = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(1, self.tokens[:, self.step : self.step + 1], 0.0)
-        self.step += 1
-        return forced
-
-
-def _teacher_forced_log_probs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
-    """``[B]`` summed log-probabilities of ``tokens [B, T]`` under the raw step ``logits``."""
-    steps = [step.float().log_softmax(-1).gather(1, tokens[:, t : t + 1])[:, 0] for t, step in enumerate(logits)]
-    return torch.stack(steps, dim=1).sum(1)
 
 
 def _beam_options() -> dict[str, Any]:
@@ -118,7 +99,7 @@ def test_beam_search_scores_equal_teacher_forced_rescoring(
             logits_processor=LogitsProcessorList([ForceTokens(tokens)]),
         )
     assert torch.equal(forced.sequences, out.sequences)
-    assert _max_diff(_teacher_forced_log_probs(forced.logits, tokens), out.sequences_scores) < ATOL
+    assert _max_diff(teacher_forced_log_probs(forced.logits, tokens), out.sequences_scores) < ATOL
 
 
 @functools.cache
@@ -154,7 +135,7 @@ def test_beam_search_on_qwen_vl_equals_teacher_forced_rescoring(kind: str) -> No
             logits_processor=LogitsProcessorList([ForceTokens(tokens)]),
         )
     assert torch.equal(forced.sequences, out.sequences)
-    assert _max_diff(_teacher_forced_log_probs(forced.logits, tokens), out.sequences_scores) < ATOL
+    assert _max_diff(teacher_forced_log_probs(forced.logits, tokens), out.sequences_scores) < ATOL
 
 
 # -- any change of the rows: reorder, select, repeat ----------------------------------------------

@@ -240,6 +240,10 @@ def test_mixkv_ranks_by_the_mixed_score(case: SyntheticCase, name: str, window: 
         w = min(window, case.n_keep[b])
         if case.n_keep[b] >= len(real) or len(real) - w == 0:
             continue
+        if len(real) == 2 and w == 0:
+            # two keys are equally similar to their mean: the min-max diversity term is 0 / eps, rounding
+            # noise amplified 1e8-fold in the reference and the strategy alike (not a ranking to compare)
+            continue
         scores = naive_mixkv_scores(view, b, importance[b][:, : len(real) - w], w)
         for h, kept in enumerate(kept_rows(plan, b)):
             assert set(real[len(real) - w :]) <= set(kept)
