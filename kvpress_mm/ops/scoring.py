@@ -63,7 +63,8 @@ class _CausalSoftmaxChunks:
     see. Every block lives in one reused buffer of at most ``chunk_bytes`` (a block's
     probabilities are valid until the next block is produced); chunks get as many query rows
     as fit, so later chunks (wider) get fewer rows. A chunk fitting in the CPU's caches
-    makes the passes over it (logits, softmax, column sums, ``probs @ V``) cheaper.
+    makes the passes over it (logits, softmax, column sums, ``probs @ V``) cheaper. The queries
+    may be those of the last positions only (:func:`query_offset`); positions are the keys'.
 
     Each block is one matmul for the logits, the causal mask on the chunk's diagonal block
     only (earlier keys are all visible), and an in-place softmax. A row's left padding (keys
@@ -83,7 +84,11 @@ class _CausalSoftmaxChunks:
     ) -> None:
         # statistics for a discrete selection: no gradient (and out= buffers refuse autograd)
         queries, keys = queries.detach(), keys.detach()
-        b, hq, p, _ = queries.shape
+        b, hq, _, _ = queries.shape
+        p = int(keys.shape[2])
+        # queries may be fewer than the keys: they are those of the last positions (a cache view)
+        self.offset = query_offset(queries, keys)
+        query_start = max(query_start, self.offset)
         self.queries, self.scaling, self.key_valid = queries, scaling, key_valid
         self.kv_heads = int(keys.shape[1])
         self.groups = hq // self.kv_heads
@@ -121,7 +126,8 @@ class _CausalSoftmaxChunks:
                 heads = slice(head * groups, (head + 1) * groups)
                 for start, end in chunks:
                     rows, width = end - start, end - first
-                    q = (self.queries[row, heads, start:end].float() * self.scaling).reshape(groups * rows, d)
+                    chunk_queries = self.queries[row, heads, start - self.offset : end - self.offset]
+                    q = (chunk_queries.float() * self.scaling).reshape(groups * rows, d)
                     logits = self.buffer[: groups * rows * width].view(groups * rows, width)
                     torch.matmul(q, self.keys_t[row, head, :, first:end], out=logits)
                     logits = logits.view(groups, rows, width)
@@ -132,6 +138,18 @@ class _CausalSoftmaxChunks:
                     # in place (ATen's softmax.out, row by row): no second chunk-sized buffer
                     probs = torch._softmax(logits, -1, False, out=logits)
                     yield _Block(row, head, start, end, first, probs)
+
+
+def query_offset(queries: torch.Tensor, keys: torch.Tensor) -> int:
+    """Position of the first query: ``queries [B, Hq, q, D]`` are those of the last ``q`` of the ``keys``' positions.
+
+    At a prefill every position has its query (offset 0); on a cache view (a cache re-planned
+    with the queries of its latest calls) the queries are those of the last ``q`` entries.
+    """
+    q, p = int(queries.shape[2]), int(keys.shape[2])
+    if q > p:
+        raise ValueError(f"{q} queries for {p} keys: queries must belong to the last keys' positions")
+    return p - q
 
 
 def _counted_queries(key_valid: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
@@ -168,19 +186,23 @@ def attention_column_sums(
     8k tokens at 4 MiB).
 
     Args:
-        queries: ``[B, Hq, P, D]`` post-RoPE queries of the prompt.
-        keys: ``[B, kvH, P, D]`` post-RoPE keys of the prompt.
+        queries: ``[B, Hq, q, D]`` post-RoPE queries of the last ``q <= P`` positions (``q = P``
+            at a prefill: every position's query; fewer on a cache view, see
+            :func:`query_offset`). Query ``i`` sees the keys ``j <= P - q + i``.
+        keys: ``[B, kvH, P, D]`` post-RoPE keys.
         scaling: the attention module's softmax scale.
         key_valid: ``[B, P]`` bool, False for padding keys (they get zero probability).
-        query_valid: ``[B, P]`` bool, False for queries that do not count (padding).
-        query_start: first query position that counts (SnapKV's observation window).
+        query_valid: ``[B, P]`` bool, by position, False for queries that do not count (padding).
+        query_start: first query position that counts (SnapKV's observation window); positions
+            before the first query never count.
         chunk_bytes: bound on one block's float32 logits.
 
     Returns:
         ``[B, Hq, P]`` float32 column sums, per query head.
 
     """
-    b, hq, p, _ = queries.shape
+    b, hq = int(queries.shape[0]), int(queries.shape[1])
+    p = int(keys.shape[2])
     kvh = int(keys.shape[1])
     sums = torch.zeros(b, kvh, hq // kvh, p, dtype=torch.float32, device=queries.device)
     counted = _counted_queries(key_valid, query_valid)

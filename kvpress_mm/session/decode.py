@@ -19,6 +19,7 @@ from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.views import DecodeView
 from kvpress_mm.session.attention import AttentionCall
 from kvpress_mm.session.calls import CallInfo
+from kvpress_mm.session.slots import slot_modality
 from kvpress_mm.session.state import LayerState
 
 
@@ -70,6 +71,7 @@ def attend_compressed(
     if decodes:
         if visible is None:
             visible = visible_keys(layer_state, call, q_len, key.device)
+        known, kv_heads, length = layer_state.slot_modality, int(key.shape[1]), cached + q_len
         view = DecodeView(
             layer_idx=layer_idx,
             keys=key,
@@ -80,6 +82,7 @@ def attend_compressed(
             visible=visible,
             n_keep=layer_state.n_keep,
             state=layer_state.strategy_state,
+            head_modality=lambda: slot_modality(known, slot_valid, call.batch_size, kv_heads, length),
         )
         plan = strategy.decode_plan(view)
     layer_state.length = cached + q_len
