@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvpress_mm.modality import Modality
+from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.selection import check_scores, select_top_with_window
 from kvpress_mm.ops.views import DecodeView, LayerView
@@ -64,6 +67,58 @@ class Compressor(BaseModel):
     def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
         """Optionally evict entries after a decode step (``h2o``). ``None`` keeps the cache as is."""
         return None
+
+    def budgets(self, modality: torch.Tensor) -> tuple[int, ...]:
+        """Each row's budget ``n_keep`` for a prefill whose modality map is ``modality`` (``[batch, seq]``).
+
+        ``int(L * (1 - compression_ratio))``, at least 1, of each row's ``L`` real entries. The
+        session calls it once per prefill; the views of every layer carry the result as
+        ``layer.n_keep`` and the report as ``report.n_keep``. ``modality-budget`` overrides it
+        (separate vision and text ratios).
+        """
+        lengths = (modality != Modality.PADDING).sum(-1).tolist()
+        return tuple(n_keep_for(int(n), self.compression_ratio) for n in lengths)
+
+    @property
+    def defers_plans(self) -> bool:
+        """True when the strategy plans all layers at once, after the prefill's last layer (``vl-cache``).
+
+        The session then calls :meth:`observe` right after each layer's prefill attention (the
+        layer keeps its full cache meanwhile, so the prefill's peak memory is that of an
+        uncompressed prefill) and :meth:`plan_deferred` with every layer's view after the last
+        decoder layer's attention; it applies all plans before the first decode step.
+        """
+        return False
+
+    def observe(self, layer: LayerView) -> None:
+        """Record what :meth:`plan_deferred` will need of ``layer`` (strategies that defer their plans).
+
+        Store it in ``layer.state`` or ``layer.call_state``: after this call the session releases
+        the view's prompt queries and statistics (:meth:`LayerView.drop_queries`).
+        """
+
+    def plan_deferred(self, layers: Sequence[LayerView]) -> list[CompressionPlan]:
+        """The plans of ``layers`` (every compressed layer of the prefill, in layer order), after :meth:`observe`.
+
+        The default plans each layer on its own (:meth:`plan`).
+        """
+        return [self.plan(layer) for layer in layers]
+
+    @property
+    def respects_budgets(self) -> bool:
+        """True when :meth:`plan` keeps ``layer.n_keep`` entries per row and KV head (a budget wrapper may set them).
+
+        LOOK-M with ``keep_all_text=True`` does not (it keeps every text entry): wrappers refuse it.
+        """
+        return True
+
+    @property
+    def allocates_budgets(self) -> bool:
+        """True when the strategy decides per-layer or per-modality budgets itself (``pyramid``, ``vl-cache``).
+
+        Such a strategy cannot be the inner strategy of a wrapper that allocates budgets too.
+        """
+        return False
 
     @property
     def is_noop(self) -> bool:
@@ -171,6 +226,10 @@ class ScoredCompressor(Compressor):
     highest-scoring others, up to its budget ``int(L * (1 - compression_ratio))``. Selection
     is per KV head: each head keeps its own top entries. Config fields are pydantic fields.
 
+    This is also the interface wrappers use (``pyramid``, ``modality-budget``, ``mixkv``): they
+    choose budgets, rank entries by :meth:`score`, protect :meth:`protected_window`, and call
+    :meth:`finish` on the kept set they chose.
+
     Examples:
         A complete strategy with a protected window, registered from a plugin module:
 
@@ -222,11 +281,20 @@ class ScoredCompressor(Compressor):
         """
         return 0
 
+    def finish(self, layer: LayerView, plan: CompressionPlan) -> CompressionPlan:
+        """A step after selection, on whichever kept set was chosen (default: ``plan`` unchanged).
+
+        The LOOK-M merging strategies merge the evicted entries into the kept ones here, and
+        ``h2o`` / ``tova`` record the kept entries' state for decode-time eviction, so that a
+        wrapper that selects with other budgets still gets them.
+        """
+        return plan
+
     def plan(self, layer: LayerView) -> CompressionPlan:
-        """Keep the protected window plus the top-scoring entries."""
+        """Keep the protected window plus the top-scoring entries, then :meth:`finish`."""
         scores = check_scores(self.score(layer), layer, type(self).__name__)
         windows = [self.protected_window(n) for n in layer.n_keep]
-        return select_top_with_window(layer, scores, windows)
+        return self.finish(layer, select_top_with_window(layer, scores, windows))
 
 
 # the registry accepts exactly Compressor subclasses as strategies (it sits below this module)

@@ -6,7 +6,7 @@ All statistics are float32 whatever the model dtype (bf16 scores collapse into t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +66,8 @@ class _CausalSoftmaxChunks:
     makes the passes over it (logits, softmax, column sums, ``probs @ V``) cheaper. The queries
     may be those of the last positions only (:func:`query_offset`); positions are the keys'.
 
+    ``query_start`` is the first query of every row, or one per row.
+
     Each block is one matmul for the logits, the causal mask on the chunk's diagonal block
     only (earlier keys are all visible), and an in-place softmax. A row's left padding (keys
     before its first real key) is skipped, not masked: its queries see no key and get no
@@ -79,7 +81,7 @@ class _CausalSoftmaxChunks:
         keys: torch.Tensor,
         scaling: float,
         key_valid: torch.Tensor,
-        query_start: int,
+        query_start: int | Sequence[int],
         chunk_bytes: int,
     ) -> None:
         # statistics for a discrete selection: no gradient (and out= buffers refuse autograd)
@@ -88,7 +90,8 @@ class _CausalSoftmaxChunks:
         p = int(keys.shape[2])
         # queries may be fewer than the keys: they are those of the last positions (a cache view)
         self.offset = query_offset(queries, keys)
-        query_start = max(query_start, self.offset)
+        given = [query_start] * b if isinstance(query_start, int) else [int(s) for s in query_start]
+        starts = [max(start, self.offset) for start in given]
         self.queries, self.scaling, self.key_valid = queries, scaling, key_valid
         self.kv_heads = int(keys.shape[1])
         self.groups = hq // self.kv_heads
@@ -103,7 +106,7 @@ class _CausalSoftmaxChunks:
                 continue
             first = int(firsts[row])
             holes = not bool(key_valid[row, first:].all())
-            chunks = _query_chunks(max(query_start, first) - first, p - first, budget)
+            chunks = _query_chunks(max(starts[row], first) - first, p - first, budget)
             self.plans.append((first, holes, [(start + first, end + first) for start, end in chunks]))
         blocks = [(first, start, end) for first, _, chunks in self.plans for start, end in chunks]
         self.max_rows = max((end - start for _, start, end in blocks), default=0)
@@ -209,6 +212,62 @@ def attention_column_sums(
     for block in _CausalSoftmaxChunks(queries, keys, scaling, key_valid, query_start, chunk_bytes):
         _add_column_sums(sums, counted, block)
     return sums.view(b, hq, p)
+
+
+def attention_column_sums_and_density(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor,
+    query_starts: Sequence[int],
+    threshold: float,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column sums of each row's queries from ``query_starts[row]`` on, and how dense their attention is.
+
+    VL-Cache's statistics of the post-vision queries, from the same chunked softmax as
+    :func:`attention_column_sums`. A probability counts as *significant* when it is at least
+    ``threshold`` times its query's largest probability (over the keys the query sees).
+
+    Args:
+        queries: ``[B, Hq, P, D]`` post-RoPE queries of the prompt.
+        keys: ``[B, kvH, P, D]`` post-RoPE keys of the prompt.
+        scaling: the attention module's softmax scale.
+        key_valid: ``[B, P]`` bool, False for padding keys (they get zero probability).
+        query_starts: per row, the first (padded) query position that counts.
+        threshold: the significance threshold relative to each query's largest probability, in ``[0, 1]``.
+        chunk_bytes: bound on one block's float32 logits.
+
+    Returns:
+        ``(sums, density)``: ``sums`` ``[B, Hq, P]`` float32, the column sums over the counted
+            queries; ``density`` ``[B, Hq]`` float32, the significant (query, visible key) pairs
+            over all (query, visible key) pairs of the counted queries (0 for a row without any).
+
+    """
+    b, hq, p, _ = queries.shape
+    kvh = int(keys.shape[1])
+    groups = hq // kvh
+    sums = torch.zeros(b, kvh, groups, p, dtype=torch.float32, device=queries.device)
+    significant = torch.zeros(b, kvh, groups, dtype=torch.float64, device=queries.device)
+    counted = _counted_queries(key_valid, key_valid)
+    chunks = _CausalSoftmaxChunks(queries, keys, scaling, key_valid, query_starts, chunk_bytes)
+    for block in chunks:
+        _add_column_sums(sums, counted, block)
+        rows, width = block.end - block.start, block.end - block.first
+        probs = block.probs
+        is_significant = probs >= threshold * probs.amax(-1, keepdim=True)
+        # only what the query sees: with threshold 0 a hidden key (probability 0) would count
+        is_significant[..., block.start - block.first :] &= ~chunks.future_keys[:rows, :rows]
+        is_significant &= key_valid[block.row, block.first : block.end].expand(width)
+        is_significant &= counted[block.row, block.start : block.end, None].bool()
+        significant[block.row, block.head] += is_significant.sum((1, 2)).double()
+    # visible keys of each counted query: the real keys up to and including itself
+    seen = key_valid.long().cumsum(-1).double() * counted.double()  # [B, P]
+    positions = torch.arange(p, device=queries.device)
+    starts = torch.as_tensor(list(query_starts), device=queries.device)
+    pairs = (seen * (positions[None, :] >= starts[:, None])).sum(-1)  # [B]
+    density = significant.view(b, hq) / pairs.clamp(min=1)[:, None]
+    return sums.view(b, hq, p), density.float()
 
 
 def attention_with_column_sums(

@@ -85,8 +85,17 @@ def select_per_row(
     return CompressionPlan(kept, valid)
 
 
+def clamped_windows(layer: LayerView, window_size: int | Sequence[int]) -> list[int]:
+    """Each row's window clamped to its budget (what the row protects when it is compressed)."""
+    windows = per_row(window_size, layer.batch_size)
+    return [clamp_window(w, n) for w, n in zip(windows, layer.n_keep, strict=True)]
+
+
 def select_top_with_window(layer: LayerView, scores: torch.Tensor, window_size: int | Sequence[int]) -> CompressionPlan:
     """Keep each row's window of most recent entries plus its highest-scoring other entries.
+
+    The entries outside the window are ranked by ``layer.selection_scores(scores, windows)``:
+    the scores themselves unless a wrapper set a selection transform (``mixkv``).
 
     Args:
         layer: the layer being compressed.
@@ -94,6 +103,7 @@ def select_top_with_window(layer: LayerView, scores: torch.Tensor, window_size: 
         window_size: entries of the window (per row or one for all); clamped to the budget.
 
     """
+    scores = layer.selection_scores(scores, clamped_windows(layer, window_size))
 
     def top(b: int, outside: int, budget: int) -> torch.Tensor:
         return _topk_sorted(scores[b][:, layer.real_positions(b)[:outside]], budget)
@@ -110,8 +120,10 @@ def select_text_first(
     """LOOK-M's text prior: window first, then text by score, then image/video by score.
 
     With ``keep_all_text`` every text entry outside the window is kept even beyond the budget,
-    and image/video entries fill what is left of the budget (possibly nothing).
+    and image/video entries fill what is left of the budget (possibly nothing). Scores are
+    ranked through ``layer.selection_scores`` (see :func:`select_top_with_window`).
     """
+    scores = layer.selection_scores(scores, clamped_windows(layer, window_size))
     neg_inf = torch.tensor(float("-inf"), device=scores.device)
 
     def text_first(b: int, outside: int, budget: int) -> torch.Tensor:
@@ -133,3 +145,29 @@ def keep_everything(layer: LayerView) -> CompressionPlan:
     rows = [_keep_all(layer, layer.real_positions(b)) for b in range(layer.batch_size)]
     kept, valid = stack_rows(rows)
     return CompressionPlan(kept, valid)
+
+
+def evict_lowest(scores: torch.Tensor, windows: Sequence[int], new: int) -> torch.Tensor:
+    """Decode-time eviction: drop each (row, KV head)'s ``new`` lowest-scoring entries outside its window.
+
+    The shape of ``h2o``'s and ``tova``'s per-step eviction, which keeps a layer's size constant.
+
+    Args:
+        scores: ``[batch, kv_heads, kv]`` float; ``inf`` marks entries that must never be evicted
+            (filler slots).
+        windows: each row's protected window: its last ``windows[b]`` entries are never evicted.
+        new: entries to evict per row and head (the step's new tokens).
+
+    Returns:
+        ``[batch, kv_heads, kv - new]`` ascending indices of the kept entries.
+
+    """
+    total = scores.shape[-1]
+    evictable = torch.ones_like(scores, dtype=torch.bool)
+    for b, window in enumerate(windows):
+        if window:
+            evictable[b, :, total - window :] = False
+    candidates = scores.masked_fill(~evictable, float("inf"))
+    evicted = (-candidates).topk(new, dim=-1).indices  # the `new` lowest per (row, head)
+    keep = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, evicted, False)
+    return keep.nonzero()[:, 2].view(*scores.shape[:2], total - new)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from kvpress_mm.errors import InvalidPlanError
 from kvpress_mm.modality import Modality
 from kvpress_mm.ops.scoring import attention_column_sums, decode_attention, group_mean
+
+#: A transform of the scores a selection ranks (``mixkv``): ``(layer, scores [B, kvH, P] float32,
+#: each row's protected window) -> [B, kvH, P]``. See :meth:`LayerView.with_selection`.
+SelectionTransform = Callable[["LayerView", torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 class _LayerTensors:
@@ -57,11 +63,19 @@ class LayerView(_LayerTensors):
         scaling: the attention module's softmax scale.
         modality: ``[batch, seq]`` int8 :class:`~kvpress_mm.Modality` codes (per KV head:
             :attr:`head_modality`).
-        n_keep: entries each row keeps (its own budget; rows differ when padded).
+        n_keep: entries each row keeps (its own budget; rows differ when padded). A wrapper
+            that gives layers or modalities other budgets hands its inner strategy a view with
+            other budgets (:meth:`with_budgets`).
+        num_layers: the text decoder's number of layers (``None`` when the view was built
+            outside a session and nobody said): per-layer budgets (``pyramid``, ``vl-cache``)
+            are computed from ``layer_idx`` and ``num_layers``.
         prompt_lengths: real (non-padding) prompt length of each row.
         key_valid: ``[batch, seq]`` bool, False for padding positions.
         state: a dict that lives with this layer's cache for the rest of the generation;
             strategies that act while decoding (``h2o``) keep their statistics here.
+        call_state: a dict shared by the views of every layer of the same prefill call (and
+            only that call): strategies that decide a layer's budget from the layers before it
+            (``vl-cache``'s online allocation) keep their running totals here.
 
     The constructor's optional ``accumulated_attention_per_head`` (``[batch, heads, seq]``
     float32) provides :meth:`accumulated_attention_per_head` precomputed: the session passes
@@ -104,12 +118,17 @@ class LayerView(_LayerTensors):
         n_keep: tuple[int, ...],
         state: dict[str, Any] | None = None,
         accumulated_attention_per_head: torch.Tensor | None = None,
+        num_layers: int | None = None,
+        call_state: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(layer_idx, keys, values, queries, scaling, n_keep, {} if state is None else state)
         self.modality = modality
+        self.num_layers = num_layers
+        self.call_state: dict[str, Any] = {} if call_state is None else call_state
         self.key_valid = modality != Modality.PADDING  # [B, P]
         self.prompt_lengths = tuple(int(n) for n in self.key_valid.sum(-1).tolist())
         self._cache: dict[Any, torch.Tensor] = {}
+        self._selection: SelectionTransform | None = None
         if accumulated_attention_per_head is not None:
             # already computed with the prefill attention (the session's fused path)
             self._cache[("accumulated", 0)] = accumulated_attention_per_head
@@ -138,6 +157,78 @@ class LayerView(_LayerTensors):
     def real_positions(self, row: int) -> torch.Tensor:
         """Positions of the row's real (non-padding) entries, ascending."""
         return self.key_valid[row].nonzero().squeeze(-1)
+
+    def with_budgets(self, n_keep: Sequence[int]) -> LayerView:
+        """The same layer with other per-row budgets (what a budget wrapper hands its inner strategy).
+
+        The new view shares everything else: tensors, the attention statistics already computed
+        (and those computed later, through either view), ``state``, ``call_state`` and the
+        selection transform.
+        """
+        budgets = tuple(int(n) for n in n_keep)
+        if len(budgets) != self.batch_size or any(n < 0 for n in budgets):
+            raise InvalidPlanError(
+                f"with_budgets needs one non-negative budget per row ({self.batch_size}), got {budgets}"
+            )
+        view = copy.copy(self)  # shallow: the statistics cache and the state dicts are shared
+        view.n_keep = budgets
+        return view
+
+    def with_selection(self, transform: SelectionTransform) -> LayerView:
+        """The same layer whose selections rank ``transform(layer, scores, windows)`` instead of the scores.
+
+        A strategy's scores still decide *how many* entries each part gets where a wrapper
+        allocates by scores; the transform decides *which* entries fill each budget (``mixkv``).
+        The framework's selections (:func:`~kvpress_mm.ops.selection.select_top_with_window`,
+        LOOK-M's text-first selection, the budget wrappers') apply it through
+        :meth:`selection_scores`.
+        """
+        view = copy.copy(self)
+        view._selection = transform
+        return view
+
+    @property
+    def has_selection_transform(self) -> bool:
+        """True when selections on this view rank transformed scores (:meth:`with_selection`)."""
+        return self._selection is not None
+
+    def selection_scores(self, scores: torch.Tensor, windows: Sequence[int]) -> torch.Tensor:
+        """The scores a selection ranks: ``scores`` itself, or its transform (:meth:`with_selection`).
+
+        Args:
+            scores: ``[batch, kv_heads, seq]`` float32 scores of the strategy that selects.
+            windows: each row's protected window, already clamped to the row's budget: the
+                candidates are the row's real entries before it.
+
+        """
+        if self._selection is None:
+            return scores
+        return self._selection(self, scores, windows)
+
+    @property
+    def queries(self) -> torch.Tensor:
+        """``[batch, heads, seq, head_dim]`` post-RoPE queries of the prompt (until :meth:`drop_queries`)."""
+        if self._queries is None:
+            raise InvalidPlanError(
+                f"layer {self.layer_idx}'s prompt queries were released after observe(): a strategy that "
+                "defers its plans must compute the attention statistics it needs in observe()"
+            )
+        return self._queries
+
+    @queries.setter
+    def queries(self, value: torch.Tensor) -> None:
+        self._queries: torch.Tensor | None = value
+
+    def drop_queries(self) -> None:
+        """Release the prompt queries and the cached statistics (they are the view's largest tensors).
+
+        The session calls it on the views of strategies that plan all layers at the end of the
+        prefill (:attr:`~kvpress_mm.Compressor.defers_plans`): what they need from the queries
+        must be computed in :meth:`~kvpress_mm.Compressor.observe`. Afterwards reading
+        :attr:`queries` or an attention statistic raises :class:`~kvpress_mm.errors.InvalidPlanError`.
+        """
+        self._queries = None
+        self._cache.clear()
 
     def accumulated_attention_per_head(self) -> torch.Tensor:
         """``[batch, heads, seq]`` float32: sum over all prompt queries of ``A[h, i, j]``."""

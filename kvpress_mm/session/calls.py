@@ -21,7 +21,6 @@ from torch import nn
 from kvpress_mm.adapters.base import ModelAdapter
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
-from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.session.state import CacheState
 
 
@@ -71,6 +70,8 @@ class CallInfo:
     modality: torch.Tensor | None = None  # [B, P] int8 at prefill
     n_keep: tuple[int, ...] = ()
     prompt_record: dict[str, Any] = field(default_factory=dict)  # ModelAdapter.record_prompt at prefill
+    # shared by the views of every layer of this prefill call (LayerView.call_state)
+    strategy_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -149,15 +150,22 @@ def call_tokens(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch
 
 
 def prefill_call(
-    adapter: ModelAdapter, model: nn.Module, inputs: Mapping[str, Any], tokens: torch.Tensor, compression_ratio: float
+    adapter: ModelAdapter,
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    tokens: torch.Tensor,
+    budgets: Callable[[torch.Tensor], tuple[int, ...]],
 ) -> CallInfo:
-    """A prefill call's modality map, budgets and prompt record, after the adapter's input checks."""
+    """A prefill call's modality map, budgets and prompt record, after the adapter's input checks.
+
+    ``budgets`` maps the modality map ``[batch, seq]`` to each row's ``n_keep`` (the strategy's
+    :meth:`~kvpress_mm.Compressor.budgets`).
+    """
     q_len = int(tokens.shape[1])
     adapter.validate_inputs(model, inputs)
     modality = adapter.modality_map(model, inputs, q_len).to(tokens.device)
     check_left_padding(modality)
-    lengths = (modality != Modality.PADDING).sum(-1).tolist()
-    n_keep = tuple(n_keep_for(int(n), compression_ratio) for n in lengths)
+    n_keep = tuple(int(n) for n in budgets(modality))
     record = adapter.record_prompt(model, inputs)
     return CallInfo(True, q_len, modality != Modality.PADDING, modality, n_keep, record)
 

@@ -37,7 +37,6 @@ from kvpress_mm.cache.growing import grow_in_place
 from kvpress_mm.cache.surgery import apply_plan, compressible, kv_bytes, unsupported_cache_layer
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
-from kvpress_mm.ops.budget import n_keep_for
 from kvpress_mm.ops.cache_view import CacheView
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.session.attention import AttentionCall
@@ -63,6 +62,7 @@ class Chunk:
     new_valid: torch.Tensor  # [B, end - start] bool: the chunk's real tokens
     modality: torch.Tensor  # [B, end - start] int8
     n_keep: tuple[int, ...]  # each row's budget after this chunk
+    call_state: dict[str, Any]  # shared by the views of the chunk's layers (LayerView.call_state)
 
 
 @dataclass
@@ -81,12 +81,13 @@ class ChunkedPrefill:
     chunk runs (:attr:`current`).
     """
 
-    def __init__(self, strategy: Any, chunk_size: int, growing_cache: bool) -> None:
+    def __init__(self, strategy: Any, chunk_size: int, growing_cache: bool, num_layers: int | None = None) -> None:
         if chunk_size < 1:
             raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
         self.strategy = strategy
         self.chunk_size = int(chunk_size)
         self.growing_cache = growing_cache
+        self.num_layers = num_layers
         self.current: Chunk | None = None
         self._call: CallInfo | None = None
         self._report: Any = None
@@ -200,12 +201,10 @@ class ChunkedPrefill:
     def _chunk(self, call: CallInfo, index: int, start: int, end: int, last: bool) -> Chunk:
         assert call.modality is not None
         modality = call.modality[:, start:end]
-        if last:
-            n_keep = call.n_keep
-        else:
-            seen = (call.modality[:, :end] != Modality.PADDING).sum(-1).tolist()
-            n_keep = tuple(n_keep_for(int(n), self.strategy.compression_ratio) for n in seen)
-        return Chunk(index, start, end, last, modality != Modality.PADDING, modality, n_keep)
+        # the budgets of the prompt seen so far; after the last chunk, the whole prompt's
+        n_keep = call.n_keep if last else tuple(self.strategy.budgets(call.modality[:, :end]))
+        state = call.strategy_state if last else {}
+        return Chunk(index, start, end, last, modality != Modality.PADDING, modality, n_keep, state)
 
     # -- one layer, one chunk ---------------------------------------------------------------
 
@@ -260,6 +259,8 @@ class ChunkedPrefill:
             n_keep=chunk.n_keep,
             state=previous.strategy_state if previous is not None else None,
             carried_attention=carried,
+            num_layers=self.num_layers,
+            call_state=chunk.call_state,
         )
         plan = self.strategy.plan(view)
         check_plan(type(self.strategy).__name__, plan, view)

@@ -9,7 +9,9 @@ On enter, the text decoder's attention is routed through the session's wrapper
 - a forward pre-hook on each attention module records the cache object in use;
 - a forward hook on each attention module applies the layer's pending plan to the cache,
   right after the layer's attention has used the full prompt (:mod:`kvpress_mm.session.prefill`)
-  or after a decode step's eviction (:mod:`kvpress_mm.session.decode`).
+  or after a decode step's eviction (:mod:`kvpress_mm.session.decode`). For a strategy that
+  defers its plans (``vl-cache``), the hook of the last decoder layer plans and compresses
+  every layer at once, at the end of the prefill call.
 
 What the session keeps per compressed cache lives on the cache (:mod:`kvpress_mm.session.state`).
 On exit, also when generation raised, everything is removed and the model is as it was found.
@@ -18,7 +20,7 @@ On exit, also when generation raised, everything is removed and the model is as 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Protocol
@@ -51,15 +53,13 @@ from kvpress_mm.session.calls import (
 )
 from kvpress_mm.session.chunked import ChunkedPrefill
 from kvpress_mm.session.decode import attend_compressed
-from kvpress_mm.session.prefill import fused_prefill_attention, plan_layer
+from kvpress_mm.session.prefill import fused_prefill_attention, plan_deferred_layers, plan_layer, prefill_view
 from kvpress_mm.session.slots import follow_plan
 from kvpress_mm.session.state import LayerState, state_of
 
 
 class Strategy(Protocol):
     """What a session needs of a strategy (every :class:`~kvpress_mm.Compressor` is one)."""
-
-    compression_ratio: float
 
     @property
     def is_noop(self) -> bool:
@@ -69,8 +69,21 @@ class Strategy(Protocol):
     def acts_while_decoding(self) -> bool:
         """True when :meth:`decode_plan` may change the cache."""
 
+    @property
+    def defers_plans(self) -> bool:
+        """True when the strategy plans every layer at the end of the prefill."""
+
+    def budgets(self, modality: torch.Tensor) -> tuple[int, ...]:
+        """Each row's budget for a prefill with this modality map."""
+
     def plan(self, layer: LayerView) -> CompressionPlan:
         """The layer's plan after its prefill."""
+
+    def observe(self, layer: LayerView) -> None:
+        """Record a layer's statistics for :meth:`plan_deferred`."""
+
+    def plan_deferred(self, layers: Sequence[LayerView]) -> list[CompressionPlan]:
+        """Every observed layer's plan, at the end of the prefill."""
 
     def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
         """An eviction after a decode step, or ``None``."""
@@ -150,6 +163,10 @@ class CompressionSession:
         self._call: CallInfo | None = None
         self._cache: Any = None
         self._pending: dict[int, tuple[CompressionPlan | None, LayerState, bool]] = {}
+        # views observed during the prefill of a strategy that defers its plans (planned after the last layer)
+        self._deferred: list[LayerView] = []
+        self._num_layers = 0
+        self._last_layer = -1
         self._warned_sliding = False
         self._masks = MaskChecks()
         # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
@@ -175,6 +192,9 @@ class CompressionSession:
         self._adapter = adapter
         try:
             self._modules = adapter.attention_modules(self.model)
+            # the text decoder's layers: per-layer budgets are computed from the layer index and this
+            self._num_layers = len(self._modules)
+            self._last_layer = max((int(m.layer_idx) for m in self._modules), default=-1)  # type: ignore[arg-type]
             register_attention_functions()
             adapter.set_attention_implementation(self.model, ATTENTION_PREFIX + original)
             self._original_implementation = original
@@ -217,12 +237,14 @@ class CompressionSession:
         self._cache = None
         self._pending.clear()
         self._chunker = None
+        self._deferred.clear()
 
     # -- hooks ----------------------------------------------------------------------------
 
     def _before_model(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         assert self._adapter is not None
         self._pending.clear()  # plans of a call that raised must never reach the next one
+        self._deferred.clear()
         self._masks.clear()
         tokens, inputs = call_tokens(args, kwargs)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -235,7 +257,7 @@ class CompressionSession:
                 return
             if cache is not None:
                 check_cache_layers(cache)  # before input checks that a static cache's 4-D mask would trip
-            self._call = prefill_call(self._adapter, self.model, inputs, tokens, self.compressor.compression_ratio)
+            self._call = prefill_call(self._adapter, self.model, inputs, tokens, self.compressor.budgets)
             assert self._call.modality is not None
             lengths = (self._call.modality != Modality.PADDING).sum(-1).tolist()
             self.report = CompressionReport(prompt_lengths=tuple(int(n) for n in lengths), n_keep=self._call.n_keep)
@@ -260,10 +282,17 @@ class CompressionSession:
             self._chunker.after_attention(layer_idx, self._cache, self._call)
             return
         pending = self._pending.pop(layer_idx, None)
+        if pending is not None:
+            self._apply(layer_idx, *pending)
+        if self._deferred and layer_idx == self._last_layer:
+            # the end of the prefill: every layer's attention has used its full cache
+            self._apply_deferred()
+
+    def _apply(self, layer_idx: int, plan: CompressionPlan | None, layer_state: LayerState, prefill: bool) -> None:
+        """Apply a layer's plan to the current cache and record the layer's state (and the report at prefill)."""
         state = state_of(self._cache)
-        if pending is None or state is None:
+        if state is None:
             return
-        plan, layer_state, prefill = pending
         layer = self._cache.layers[layer_idx]
         before = kv_bytes(layer)
         if prefill:
@@ -281,6 +310,14 @@ class CompressionSession:
             self.report.layers_compressed += 1
             self.report.kv_bytes_before += before
             self.report.kv_bytes_after += kv_bytes(layer)
+
+    def _apply_deferred(self) -> None:
+        """Plan every layer observed during this prefill (all checked first), then compress them all."""
+        assert self._call is not None
+        views, self._deferred = self._deferred, []
+        planned = plan_deferred_layers(self.compressor, self._call, views)
+        for view, (plan, layer_state) in zip(views, planned, strict=True):
+            self._apply(view.layer_idx, plan, layer_state, True)
 
     # -- the attention wrapper ------------------------------------------------------------
 
@@ -316,7 +353,7 @@ class CompressionSession:
         chunk_size = getattr(self.compressor, "prefill_chunk_size", None)
         if chunk_size is None:
             return
-        self._chunker = ChunkedPrefill(self.compressor, int(chunk_size), self._growing_cache)
+        self._chunker = ChunkedPrefill(self.compressor, int(chunk_size), self._growing_cache, self._num_layers)
         self._undo.append(self._chunker.install(adapter, self.model))
 
     def _plan_prefill(self, attention: AttentionCall, cache: Any, accumulated: torch.Tensor | None = None) -> None:
@@ -334,7 +371,13 @@ class CompressionSession:
                 )
                 self._warned_sliding = True
             return
-        plan, layer_state = plan_layer(self.compressor, self._call, cache, attention, accumulated)
+        view = prefill_view(self._call, cache, attention, self._num_layers, accumulated)
+        if self.compressor.defers_plans:
+            self.compressor.observe(view)
+            view.drop_queries()  # kept until the end of the prefill: the queries are not needed any more
+            self._deferred.append(view)
+            return
+        plan, layer_state = plan_layer(self.compressor, self._call, view)
         self._pending[layer_idx] = (plan, layer_state, True)
 
 

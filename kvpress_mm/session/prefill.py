@@ -34,7 +34,7 @@ def fused_prefill_attention(
     the sums then seed the layer's :class:`~kvpress_mm.LayerView`, so they are not computed a
     second time.
     """
-    if not getattr(type(strategy), "needs_accumulated_attention", False):
+    if not getattr(strategy, "needs_accumulated_attention", False):  # a wrapper reports its inner's
         return None
     modality = call.modality
     layers = getattr(cache, "layers", None)
@@ -54,17 +54,16 @@ def fused_prefill_attention(
     return (output.transpose(1, 2).contiguous(), None), sums
 
 
-def plan_layer(
-    strategy: Any, call: CallInfo, cache: Any, attention: AttentionCall, accumulated: torch.Tensor | None = None
-) -> tuple[CompressionPlan, LayerState]:
-    """Ask ``strategy`` for the layer's plan, check it, and describe the layer it leaves.
+def prefill_view(
+    call: CallInfo, cache: Any, attention: AttentionCall, num_layers: int, accumulated: torch.Tensor | None = None
+) -> LayerView:
+    """The :class:`~kvpress_mm.LayerView` of a layer right after its prefill attention.
 
     The cache gets its :class:`~kvpress_mm.session.state.CacheState` with its first layer.
 
     Raises:
         UnsupportedCacheError: the cache layer cannot be compressed.
         InvalidInputError: the layer saw another number of keys than the call has positions.
-        InvalidPlanError: the strategy broke the plan contract.
 
     """
     assert call.modality is not None
@@ -80,7 +79,7 @@ def plan_layer(
     if state_of(cache) is None:
         next_positions = (call.modality != Modality.PADDING).sum(-1)
         attach_state(cache, CacheState(call.q_len, next_positions=next_positions, prompt_record=call.prompt_record))
-    view = LayerView(
+    return LayerView(
         layer_idx=layer_idx,
         keys=key,
         values=attention.value,
@@ -89,10 +88,41 @@ def plan_layer(
         modality=call.modality.to(key.device),  # layers may live on different devices
         n_keep=call.n_keep,
         accumulated_attention_per_head=accumulated,
+        num_layers=num_layers,
+        call_state=call.strategy_state,
     )
+
+
+def plan_layer(strategy: Any, call: CallInfo, view: LayerView) -> tuple[CompressionPlan, LayerState]:
+    """Ask ``strategy`` for the plan of ``view``'s layer, check it, and describe the layer it leaves.
+
+    Raises:
+        InvalidPlanError: the strategy broke the plan contract.
+
+    """
     plan = strategy.plan(view)
     check_plan(type(strategy).__name__, plan, view)
     return plan, LayerState(plan.n_slots, None, call.n_keep, view.state)
+
+
+def plan_deferred_layers(
+    strategy: Any, call: CallInfo, views: list[LayerView]
+) -> list[tuple[CompressionPlan, LayerState]]:
+    """The plans of every observed layer of a prefill, from a strategy that defers its plans, all checked.
+
+    Raises:
+        InvalidPlanError: the strategy returned another number of plans, or broke the plan contract.
+
+    """
+    name = type(strategy).__name__
+    plans = list(strategy.plan_deferred(views))
+    if len(plans) != len(views):
+        raise InvalidPlanError(f"{name}.plan_deferred() returned {len(plans)} plans for {len(views)} layers")
+    for plan, view in zip(plans, views, strict=True):
+        check_plan(name, plan, view)
+    return [
+        (plan, LayerState(plan.n_slots, None, call.n_keep, view.state)) for plan, view in zip(plans, views, strict=True)
+    ]
 
 
 def check_plan(name: str, plan: CompressionPlan, view: LayerView) -> None:

@@ -16,6 +16,7 @@ from kvpress_mm.hookspecs import hookimpl
 from kvpress_mm.ops.budget import clamp_window, half_budget_window
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.scoring import group_mean
+from kvpress_mm.ops.selection import evict_lowest
 from kvpress_mm.ops.views import DecodeView, LayerView
 
 
@@ -50,9 +51,12 @@ class H2O(ScoredCompressor):
         """Accumulated attention over all prompt queries, ``[batch, kv_heads, seq]`` float32."""
         return layer.accumulated_attention()
 
-    def plan(self, layer: LayerView) -> CompressionPlan:
-        """Select as a scored strategy; remember the kept entries' scores for decoding."""
-        plan = super().plan(layer)
+    def finish(self, layer: LayerView, plan: CompressionPlan) -> CompressionPlan:
+        """Remember the kept entries' scores and each row's window for decode-time eviction.
+
+        Also when a wrapper chose the kept set (and the budgets, given by ``layer.n_keep``): each
+        layer then keeps its own size while decoding.
+        """
         if self.decode_eviction:
             scores = layer.accumulated_attention().gather(2, plan.kept_indices)
             # filler slots are never evicted
@@ -69,13 +73,7 @@ class H2O(ScoredCompressor):
         step = group_mean(layer.attention().sum(2), layer.keys.shape[1])  # [B, kvH, kv]
         scores = torch.cat([previous, previous.new_zeros(*previous.shape[:2], new)], dim=-1) + step
         total = scores.shape[-1]
-        evictable = torch.ones_like(scores, dtype=torch.bool)
-        for b, window in enumerate(layer.state["windows"]):
-            evictable[b, :, total - window :] = False
-        candidates = scores.masked_fill(~evictable, float("inf"))
-        evicted = (-candidates).topk(new, dim=-1).indices  # the `new` lowest per (row, head)
-        keep = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, evicted, False)
-        kept_indices = keep.nonzero()[:, 2].view(*scores.shape[:2], total - new)
+        kept_indices = evict_lowest(scores, layer.state["windows"], new)
         layer.state["scores"] = scores.gather(2, kept_indices)
         # filler slots are at the front and never evicted, so they stay there
         return CompressionPlan(kept_indices, layer.slot_valid[:, : total - new])

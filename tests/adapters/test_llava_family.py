@@ -15,6 +15,7 @@ import torch
 from kvpress_mm import Compressor, LayerView, Modality, ScoredCompressor
 from kvpress_mm.registry import find_adapter
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
+from tests.helpers.budgets import assert_layer_budgets
 from tests.helpers.masked_reference import (
     PlanRecorder,
     cache_of,
@@ -113,15 +114,17 @@ def test_generate_keeps_n_keep_and_matches_reference(family: str, name: str, imp
     assert session.report.n_keep == (n_keep,)
     assert session.report.layers_compressed == n_layers
     assert sorted(plans) == list(range(n_layers))
+    assert_layer_budgets(name, [p[0].length_after for p in plans.values()], n_keep, length)
     for layer_plans in plans.values():
-        assert (layer_plans[0].length_before, layer_plans[0].length_after) == (length, n_keep)
+        assert layer_plans[0].length_before == length
         assert layer_plans[0].merged == (name.startswith("lookm-") and name != "lookm-evict")
         # h2o evicts one entry per decode step: the cache stays at n_keep while decoding
         assert len(layer_plans) == (NEW_TOKENS if decode_evicts else 1)
         for step in layer_plans[1:]:
             assert (step.length_before, step.length_after) == (n_keep + 1, n_keep)
-    final = n_keep if decode_evicts else n_keep + NEW_TOKENS - 1
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
+        kept = plans[i][0].length_after
+        final = kept if decode_evicts else kept + NEW_TOKENS - 1
         assert layer.keys.shape[-2] == final and layer.values.shape[-2] == final
         assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
     if name not in EVICTION_ONLY:
@@ -210,12 +213,15 @@ def test_left_padded_batch_rows_equal_single_runs(family: str, name: str, impl: 
     if name == "full":
         return
     # padding is never kept; each row keeps its own budget
+    kept = []
     for layer_plans in recorder.per_layer(cache_of(batch)).values():
         prefill = layer_plans[0]
         assert prefill.length_before == width
         kept_real = mask.bool().gather(1, prefill.kept_indices.flatten(1)).view_as(prefill.kept_indices)
         assert kept_real[prefill.slot_valid[:, None, :].expand_as(kept_real)].all()
-        assert prefill.slot_valid.sum(-1).tolist() == list(budgets)
+        kept.append(prefill.slot_valid.sum(-1).tolist())
+    for row, (n_keep, length) in enumerate(zip(budgets, lengths, strict=True)):
+        assert_layer_budgets(name, [k[row] for k in kept], n_keep, length)
     # teeth: the compressed batch differs from the uncompressed one
     plain = generate_vlm(model, {"input_ids": ids, "attention_mask": mask, **pixels}, max_new_tokens=NEW_TOKENS)
     assert _max_diff(batch_logits[1:], torch.stack(plain.logits)[1:]) > TEETH

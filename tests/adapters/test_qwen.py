@@ -18,6 +18,7 @@ import torch
 from kvpress_mm import Compressor
 from kvpress_mm.modality import Modality
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
+from tests.helpers.budgets import assert_layer_budgets
 from tests.helpers.masked_reference import (
     PlanRecorder,
     cache_of,
@@ -98,14 +99,16 @@ def test_generate_keeps_n_keep_and_matches_masked_reference(kind: str, impl: str
     else:
         assert sorted(plans) == list(range(len(cache.layers))), "every layer is compressed"
         assert report.n_keep == (n_keep,) and report.layers_compressed == len(cache.layers)
+        assert_layer_budgets(name, [p[0].length_after for p in plans.values()], n_keep, length)
         for layer_plans in plans.values():
-            assert (layer_plans[0].length_before, layer_plans[0].length_after) == (length, n_keep)
+            assert layer_plans[0].length_before == length
             assert len(layer_plans) == (NEW_TOKENS if decode_evicts else 1)
             for step in layer_plans[1:]:  # h2o stays at n_keep while decoding
                 assert (step.length_before, step.length_after) == (n_keep + 1, n_keep)
-    final = n_keep if decode_evicts else n_keep + NEW_TOKENS - 1
-    assert [layer.keys.shape[-2] for layer in cache.layers] == [final] * len(cache.layers)
-    assert [layer.values.shape[-2] for layer in cache.layers] == [final] * len(cache.layers)
+    kept = [plans[i][0].length_after if plans else n_keep for i in range(len(cache.layers))]
+    final = [k if decode_evicts else k + NEW_TOKENS - 1 for k in kept]
+    assert [layer.keys.shape[-2] for layer in cache.layers] == final
+    assert [layer.values.shape[-2] for layer in cache.layers] == final
 
     if name in EVICTION_ONLY:
         reference = _reference(model, inputs, out, plans, decode_plans=decode_evicts)
@@ -231,11 +234,14 @@ def test_padded_batch_rows_equal_single_prompts(kind: str, name: str) -> None:
         assert (logits[:, row] - torch.stack(single.logits)[:, 0]).abs().max().item() < ATOL
     if name != "full":
         real = inputs["attention_mask"].bool()
+        kept = []
         for layer_plans in recorder.per_layer(cache_of(batched)).values():
             prefill = layer_plans[0]
             kept_real = real.gather(1, prefill.kept_indices.flatten(1)).view_as(prefill.kept_indices)
             assert kept_real[prefill.slot_valid[:, None, :].expand_as(kept_real)].all(), "padding is never kept"
-            assert prefill.slot_valid.sum(-1).tolist() == [int(n * (1 - 0.6)) for n in lengths]
+            kept.append(prefill.slot_valid.sum(-1).tolist())
+        for row, length in enumerate(lengths):
+            assert_layer_budgets(name, [k[row] for k in kept], int(length * (1 - 0.6)), length)
         # teeth: compression changed the answer
         plain = generate(model, inputs, max_new_tokens=NEW_TOKENS)
         assert (logits[1:] - torch.stack(plain.logits)[1:]).abs().max().item() > TEETH

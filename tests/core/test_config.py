@@ -26,6 +26,17 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
     "h2o": {"compression_ratio": 0.0, "window_size": 5, "decode_eviction": False},
     "snapkv": {"compression_ratio": 0.8, "window_size": 16, "kernel_size": 5, "pooling": "avg"},
     **{name: {"compression_ratio": 0.6, "window_size": 0, "keep_all_text": True} for name in LOOKM},
+    "tova": {"compression_ratio": 0.7, "head_average": "group", "window_size": 1, "decode_eviction": True},
+    "knorm": {"compression_ratio": 0.8, "window_size": 4},
+    "vl-cache": {
+        "compression_ratio": 0.9,
+        "threshold": 0.05,
+        "window_ratio": 0.2,
+        "min_layer_ratio": 0.0,
+        "allocation": "online",
+        "shared_heads": True,
+        "fallback_window": 8,
+    },
 }
 
 
@@ -178,6 +189,16 @@ def test_compression_ratio_bounds_accept(ratio: Any) -> None:
         ("h2o", "decode_eviction", "perhaps"),
         ("lookm-pivotal", "keep_all_text", "perhaps"),
         ("h2o", "window_size", 2.5),
+        ("tova", "head_average", "kv"),
+        ("tova", "window_size", -1),
+        ("knorm", "window_size", -1),
+        ("vl-cache", "threshold", 1.5),
+        ("vl-cache", "threshold", -0.1),
+        ("vl-cache", "window_ratio", 2.0),
+        ("vl-cache", "min_layer_ratio", -0.5),
+        ("vl-cache", "allocation", "lazy"),
+        ("vl-cache", "fallback_window", 0),
+        ("vl-cache", "threshold", math.nan),
     ],
 )
 def test_bad_strategy_field_names_the_field(name: str, field: str, value: Any) -> None:

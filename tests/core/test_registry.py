@@ -39,16 +39,23 @@ from kvpress_mm.registry import (
 
 PLUGINS = Path(__file__).parent / "plugins"
 
+#: every built-in strategy and wrapper: name -> module under kvpress_mm
 BUILTINS = {
-    "full": "full",
-    "random": "random",
-    "streaming": "streaming",
-    "h2o": "h2o",
-    "snapkv": "snapkv",
-    "lookm-evict": "lookm_evict",
-    "lookm-average": "lookm_average",
-    "lookm-pivotal": "lookm_pivotal",
-    "lookm-weighted": "lookm_weighted",
+    "full": "strategies.full",
+    "random": "strategies.random",
+    "streaming": "strategies.streaming",
+    "h2o": "strategies.h2o",
+    "snapkv": "strategies.snapkv",
+    "lookm-evict": "strategies.lookm_evict",
+    "lookm-average": "strategies.lookm_average",
+    "lookm-pivotal": "strategies.lookm_pivotal",
+    "lookm-weighted": "strategies.lookm_weighted",
+    "tova": "strategies.tova",
+    "knorm": "strategies.knorm",
+    "vl-cache": "strategies.vl_cache",
+    "pyramid": "wrappers.pyramid",
+    "modality-budget": "wrappers.modality_budget",
+    "mixkv": "wrappers.mixkv",
 }
 
 # every module the plugin fixtures define; dropped from sys.modules after each test
@@ -176,7 +183,7 @@ def test_hook_specs_take_a_register_callback() -> None:
 
 def test_list_strategies_is_exactly_the_builtins_without_autoload(no_autoload: None) -> None:
     assert list_strategies() == sorted(BUILTINS)
-    assert len(list_strategies()) == 9
+    assert len(list_strategies()) == 15
 
 
 # the built-in adapter modules in the order they are tried: by name, the fallback (generic) last
@@ -197,14 +204,14 @@ def test_builtins_register_through_the_plugin_hooks(no_autoload: None) -> None:
     assert set(infos) == set(BUILTINS)
     for name, module in BUILTINS.items():
         info = infos[name]
-        assert info.origin == f"built-in (kvpress_mm.strategies.{module})"
+        assert info.origin == f"built-in (kvpress_mm.{module})"
         assert info.builtin
         assert issubclass(info.cls, Compressor)
-        assert info.cls.__module__ == f"kvpress_mm.strategies.{module}"
+        assert info.cls.__module__ == f"kvpress_mm.{module}"
     # the built-in modules are pluggy plugins with real hook implementations
     manager = get_registry().manager
     impls = manager.hook.kvpress_mm_register_strategies.get_hookimpls()
-    assert {impl.plugin_name for impl in impls} == {f"kvpress_mm.strategies.{m}" for m in BUILTINS.values()}
+    assert {impl.plugin_name for impl in impls} == {f"kvpress_mm.{m}" for m in BUILTINS.values()}
     adapters = registered_adapters()
     # one adapter per family, the generic text adapter last (it is the fallback)
     assert type(adapters[-1].adapter) is TextDecoderAdapter
@@ -503,7 +510,10 @@ def test_plugin_adapter_drives_a_compression_session(monkeypatch: pytest.MonkeyP
 def test_builtin_strategy_names_are_the_registered_builtins() -> None:
     """The one list of built-in names the commands use matches what the built-in plugins register."""
     from kvpress_mm import list_strategies
-    from kvpress_mm.strategies import BUILTIN_STRATEGIES
+    from kvpress_mm.strategies import BUILTIN_STRATEGIES, LAYER_ADAPTIVE_STRATEGIES
+    from kvpress_mm.wrappers import BUILTIN_WRAPPERS
 
-    assert len(set(BUILTIN_STRATEGIES)) == len(BUILTIN_STRATEGIES) == 9
-    assert set(BUILTIN_STRATEGIES) <= set(list_strategies())
+    assert len(set(BUILTIN_STRATEGIES)) == len(BUILTIN_STRATEGIES) == 12
+    assert len(set(BUILTIN_WRAPPERS)) == len(BUILTIN_WRAPPERS) == 3
+    assert set(BUILTIN_STRATEGIES) | set(BUILTIN_WRAPPERS) <= set(list_strategies())
+    assert set(LAYER_ADAPTIVE_STRATEGIES) <= set(BUILTIN_STRATEGIES)

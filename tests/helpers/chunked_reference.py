@@ -44,7 +44,9 @@ def budget(real: int, ratio: float) -> int:
     return 0 if real <= 0 else max(1, int(real * (1 - ratio)))
 
 
-def modality_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_id: int, video_id: int = -1) -> torch.Tensor:
+def modality_from_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_id: int, video_id: int = -1
+) -> torch.Tensor:
     """``[B, L]`` int8: image / video placeholders, text, padding where the mask is 0."""
     modality = torch.full(input_ids.shape, int(Modality.TEXT), dtype=torch.int8)
     modality[input_ids == image_id] = int(Modality.IMAGE)
@@ -81,61 +83,69 @@ def chunked_prefill_reference(
     kv_heads, heads = int(config.num_key_value_heads), int(config.num_attention_heads)
     valid = attention_mask.bool()
     itself = torch.eye(length, dtype=torch.bool)
-    visibility = {l: itself[None, None].repeat(b, kv_heads, 1, 1) for l in range(n_layers)}
-    kept = {l: torch.zeros(b, kv_heads, 0, dtype=torch.long) for l in range(n_layers)}
-    received = {l: torch.zeros(b, heads, length) for l in range(n_layers)}  # attention from earlier chunks
+    visibility = {layer: itself[None, None].repeat(b, kv_heads, 1, 1) for layer in range(n_layers)}
+    kept = {layer: torch.zeros(b, kv_heads, 0, dtype=torch.long) for layer in range(n_layers)}
+    received = {layer: torch.zeros(b, heads, length) for layer in range(n_layers)}  # attention from earlier chunks
     peaks = dict.fromkeys(range(n_layers), 0)
     tracks = bool(getattr(strategy, "needs_accumulated_attention", False))
     logits = torch.empty(0)
     for start in range(0, length, chunk_size):
         end = min(length, start + chunk_size)
         chunk = torch.arange(start, end)
-        for l in range(n_layers):
+        for layer in range(n_layers):
             seen = torch.zeros(b, kv_heads, length + 1, dtype=torch.bool)
-            seen.scatter_(-1, kept[l].masked_fill(kept[l] < 0, length), True)
+            seen.scatter_(-1, kept[layer].masked_fill(kept[layer] < 0, length), True)
             rows = seen[..., :length, None].transpose(-1, -2).expand(-1, -1, end - start, -1).clone()
             causal = (chunk[None, :] <= chunk[:, None])[None, None] & valid[:, None, None, start:end]
             rows[..., start:end] |= causal
-            visibility[l][:, :, start:end] = rows
+            visibility[layer][:, :, start:end] = rows
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         logits = masked_logits(
             model, input_ids, attention_mask, visibility, extra_inputs, explicit_positions, capture=captured
         )
         real_seen = valid[:, :end].sum(-1).tolist()
         n_keep = tuple(budget(int(n), ratio) for n in real_seen)
-        for l in range(n_layers):
-            query, key = captured[l]
+        for layer in range(n_layers):
+            query, key = captured[layer]
             value = key  # values do not influence any selection without merging
-            columns = torch.cat([kept[l], chunk.expand(b, kv_heads, -1)], dim=-1)  # [B, kvH, kv]
+            columns = torch.cat([kept[layer], chunk.expand(b, kv_heads, -1)], dim=-1)  # [B, kvH, kv]
             head_modality = _gather_columns(modality[:, None, :].expand(-1, kv_heads, -1).contiguous(), columns)
             head_modality = head_modality.masked_fill(columns < 0, int(Modality.PADDING))
             keys = _gather_columns(key, columns)
             groups = heads // kv_heads
             carried = None
             if tracks:
-                carried = _gather_columns(received[l], columns.repeat_interleave(groups, dim=1))
+                carried = _gather_columns(received[layer], columns.repeat_interleave(groups, dim=1))
                 carried = carried.masked_fill(columns.repeat_interleave(groups, dim=1) < 0, 0.0)
             view = CacheView(
-                layer_idx=l,
+                layer_idx=layer,
                 keys=keys,
                 values=_gather_columns(value, columns),
                 queries=query[:, :, start:end],
-                scaling=float(modules[l].scaling),
+                scaling=float(modules[layer].scaling),
                 head_modality=head_modality,
                 n_keep=n_keep,
                 carried_attention=carried,
             )
-            peaks[l] = max(peaks[l], int(columns.shape[-1]))
+            peaks[layer] = max(peaks[layer], int(columns.shape[-1]))
             plan = strategy.plan(view)
             chosen = columns.gather(2, plan.kept_indices)
-            kept[l] = chosen.masked_fill(~plan.slot_valid[:, None, :], -1)
+            kept[layer] = chosen.masked_fill(~plan.slot_valid[:, None, :], -1)
             if tracks:
-                received[l] += _chunk_column_sums(query, key, visibility[l], valid, start, end, float(modules[l].scaling))
+                received[layer] += _chunk_column_sums(
+                    query, key, visibility[layer], valid, start, end, float(modules[layer].scaling)
+                )
     return ChunkedReference(kept, visibility, logits, peaks)
 
 
 def _chunk_column_sums(
-    query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, valid: torch.Tensor, start: int, end: int, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    visible: torch.Tensor,
+    valid: torch.Tensor,
+    start: int,
+    end: int,
+    scaling: float,
 ) -> torch.Tensor:
     """``[B, Hq, L]``: the attention the chunk's real queries gave each column (plain softmax over what they saw)."""
     heads, kv_heads = int(query.shape[1]), int(key.shape[1])
@@ -148,7 +158,9 @@ def _chunk_column_sums(
     return torch.where(counted, probabilities, 0.0).sum(2)
 
 
-def decode_visibility(reference: ChunkedReference, attention_mask: torch.Tensor, prompt_width: int) -> dict[int, torch.Tensor]:
+def decode_visibility(
+    reference: ChunkedReference, attention_mask: torch.Tensor, prompt_width: int
+) -> dict[int, torch.Tensor]:
     """Per layer ``[B, kvH, T, T]`` over prompt + generated tokens: the prompt rows as the chunks saw them,
     then each generated token sees the final kept columns plus the generated tokens up to itself."""
     total = int(attention_mask.shape[1])

@@ -9,7 +9,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kvpress_mm import Compressor, Modality
-from kvpress_mm.ops.scoring import CHUNK_BYTES, _query_chunks, attention_column_sums, attention_with_column_sums
+from kvpress_mm.ops.scoring import (
+    CHUNK_BYTES,
+    _query_chunks,
+    attention_column_sums,
+    attention_column_sums_and_density,
+    attention_with_column_sums,
+)
 from tests.helpers.synthetic import (
     DTYPES,
     SETTINGS,
@@ -268,3 +274,45 @@ def test_strategies_never_allocate_full_attention_on_a_long_prompt() -> None:
         assert plan.slot_valid.sum() == case.n_keep[0]
         assert rec.max_numel <= CHUNK_BYTES // 4, (name, max(rec.shapes, key=_numel))
         assert not any(len(s) >= 2 and s[-2:] == (length, length) for s in rec.shapes), name
+
+
+@SETTINGS
+@given(
+    case=synthetic_cases(),
+    dtype=DTYPES,
+    data=st.data(),
+    threshold=st.sampled_from([0.0, 0.01, 0.2, 1.0]),
+    chunk_bytes=st.sampled_from([1, 37, 4096, CHUNK_BYTES]),
+)
+def test_per_row_column_sums_and_density_match_naive_softmax(
+    case: SyntheticCase, dtype: torch.dtype, data: st.DataObject, threshold: float, chunk_bytes: int
+) -> None:
+    """vl-cache's statistics: column sums from a per-row first query, and the share of significant pairs."""
+    t = make_tensors(case, dtype)
+    key_valid = t["modality"] != Modality.PADDING
+    starts = [data.draw(st.integers(0, case.padded_length - 1)) for _ in range(case.batch)]
+    scaling = case.head_dim**-0.5
+    sums, density = attention_column_sums_and_density(
+        t["queries"], t["keys"], scaling, key_valid, starts, threshold, chunk_bytes
+    )
+    assert sums.dtype == density.dtype == torch.float32
+    assert density.shape == (case.batch, case.heads)
+    groups = case.groups
+    for b, start in enumerate(starts):
+        expected = naive_column_sums(
+            t["queries"][b : b + 1], t["keys"][b : b + 1], scaling, t["modality"][b : b + 1], start
+        )
+        _close(sums[b : b + 1], expected)
+        real = [i for i in range(case.padded_length) if key_valid[b, i]]
+        for h in range(case.heads):
+            significant, pairs = 0, 0
+            for qi, q in enumerate(real):
+                if q < start:
+                    continue
+                logits = (
+                    t["queries"][b, h, q].double() @ t["keys"][b, h // groups, real[: qi + 1]].double().T
+                ) * scaling
+                probs = torch.softmax(logits, -1)
+                significant += int((probs >= threshold * probs.max() - 1e-6 * (threshold > 0)).sum())
+                pairs += qi + 1
+            assert abs(float(density[b, h]) - (significant / pairs if pairs else 0.0)) <= 0.02 + 1e-6

@@ -14,7 +14,7 @@ from kvpress_mm.ops import views as layer_module
 from kvpress_mm.session import attention as attention_module
 from kvpress_mm.session import prefill as prefill_module
 from kvpress_mm.session.context import CompressionSession
-from kvpress_mm.strategies import BUILTIN_STRATEGIES
+from kvpress_mm.strategies import BUILTIN_STRATEGIES, LAYER_ADAPTIVE_STRATEGIES
 from tests.helpers.masked_reference import PlanRecorder, cache_of
 from tests.helpers.tiny_models import FAMILIES, build, generate, left_padded, prompt
 
@@ -47,14 +47,19 @@ def test_cache_holds_n_keep_after_prefill(name: str, impl: str, ratio: float) ->
     plans = recorder.per_layer(cache)
     n_layers = len(cache.layers)
     evicts = _decode_evicts(name, compressor)
+    adaptive = name in LAYER_ADAPTIVE_STRATEGIES
     if name == "full":
         assert plans == {}
         assert session.report.layers_compressed == 0
     else:
         assert sorted(plans) == list(range(n_layers)), "every layer is compressed after its prefill"
+        kept = [layer_plans[0].length_after for layer_plans in plans.values()]
+        if adaptive:  # per-layer budgets, the same total
+            assert sum(kept) == n_layers * n_keep and all(1 <= k <= PROMPT_LEN for k in kept)
+        else:
+            assert kept == [n_keep] * n_layers
         for layer_plans in plans.values():
             assert layer_plans[0].length_before == PROMPT_LEN
-            assert layer_plans[0].length_after == n_keep
             # h2o's decode eviction brings every step back to n_keep; others compress once
             assert len(layer_plans) == (NEW_TOKENS if evicts else 1)
             for step in layer_plans[1:]:
@@ -65,8 +70,9 @@ def test_cache_holds_n_keep_after_prefill(name: str, impl: str, ratio: float) ->
         per_entry = 2 * kv_heads * head_dim * 4  # keys + values, float32
         assert session.report.kv_bytes_before == n_layers * PROMPT_LEN * per_entry
         assert session.report.kv_bytes_after == n_layers * n_keep * per_entry
-    expected_final = n_keep if evicts else n_keep + NEW_TOKENS - 1
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
+        kept_after_prefill = plans[i][0].length_after if name != "full" else n_keep
+        expected_final = kept_after_prefill if evicts else kept_after_prefill + NEW_TOKENS - 1
         assert layer.keys.shape[-2] == expected_final
         assert layer.values.shape[-2] == expected_final
         assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
@@ -86,11 +92,15 @@ def test_compressed_cache_owns_only_kept_entries(name: str, impl: str, growing: 
     with Compressor.from_name(name, compression_ratio=0.7)(model, growing_cache=growing):
         out = generate(model, ids, max_new_tokens=1)  # prefill only: the cache is as compression left it
     n_keep = max(1, int(PROMPT_LEN * (1 - 0.7)))
-    capacity = n_keep
-    for layer in cache_of(out).layers:
+    layers = cache_of(out).layers
+    lengths = [layer.keys.shape[2] for layer in layers]
+    if name in LAYER_ADAPTIVE_STRATEGIES:
+        assert sum(lengths) == len(layers) * n_keep
+    else:
+        assert lengths == [n_keep] * len(layers)
+    for layer, capacity in zip(layers, lengths, strict=True):
         for tensor in (layer.keys, layer.values):
             b, heads, n, dim = tensor.shape
-            assert n == n_keep
             assert tensor.untyped_storage().nbytes() == b * heads * capacity * dim * tensor.element_size()
             assert tensor.storage_offset() == 0
 
@@ -240,7 +250,8 @@ def test_fused_prefill_only_for_strategies_that_declare_it(name: str, monkeypatc
     declared = type(Compressor.from_name(name)).needs_accumulated_attention
     assert declared == (name == "h2o" or name.startswith("lookm-"))
     assert fused.calls == (model.config.num_hidden_layers if declared else 0)
-    assert lazy.calls == (model.config.num_hidden_layers if name == "snapkv" else 0)
+    # observation windows (snapkv's, tova's last query) come from the lazy column sums
+    assert lazy.calls == (model.config.num_hidden_layers if name in ("snapkv", "tova") else 0)
 
 
 def test_fused_prefill_falls_back_where_it_would_differ(monkeypatch: pytest.MonkeyPatch) -> None:

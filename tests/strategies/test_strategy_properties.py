@@ -52,6 +52,21 @@ def configs(draw: st.DrawFn, name: str) -> dict[str, Any]:
         if window is not None:
             cfg["window_size"] = window
         return cfg
+    if name == "tova":
+        return {
+            "head_average": draw(st.sampled_from(["layer", "group"])),
+            "window_size": draw(st.integers(0, 40)),
+            "decode_eviction": draw(st.booleans()),
+        }
+    if name == "knorm":
+        return {"window_size": draw(st.integers(0, 40))}
+    if name == "vl-cache":  # a single layer: the deferred allocation gives it its own n_keep
+        return {
+            "threshold": draw(st.sampled_from([0.0, 0.01, 0.3])),
+            "window_ratio": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+            "shared_heads": draw(st.booleans()),
+            "fallback_window": draw(st.integers(1, 40)),
+        }
     return {}
 
 
@@ -65,6 +80,10 @@ def expected_window(name: str, config: dict[str, Any], n_keep: int) -> int:
         return min(n_keep // 2 if window is None else window, n_keep)
     if name == "snapkv":
         return min(config.get("window_size", 32), n_keep)
+    if name in ("tova", "knorm"):
+        return min(config.get("window_size", 0), n_keep)
+    if name == "vl-cache":
+        return min(int(config.get("window_ratio", 0.1) * n_keep), n_keep)
     return 0
 
 
