@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from kvpress_mm.modality import Modality
-from kvpress_mm.ops.views import LayerView
+from kvpress_mm.ops.views import DecodeView, LayerView
 
 
 class CacheView(LayerView):
@@ -113,3 +113,78 @@ class CacheView(LayerView):
         if key not in self._cache:
             self._cache[key] = current + self.carried_attention.to(current.device)
         return self._cache[key]
+
+
+#: Where :func:`remember_decode_queries` keeps a layer's recent decode queries (in ``DecodeView.state``).
+DECODE_QUERIES = "decode_queries"
+
+
+def remember_decode_queries(view: DecodeView, capacity: int, key: str = DECODE_QUERIES) -> torch.Tensor:
+    """Add the step's post-RoPE queries to the layer's buffer; return the last ``capacity`` ones, oldest first.
+
+    The buffer lives in ``view.state[key]`` (so it follows the cache's rows when beam search
+    reorders them): a ``[batch, heads, capacity, head_dim]`` ring written in place, the number
+    of queries it holds, and the layer's length after the last step. The buffered queries are
+    those of the layer's last entries, in order: each decode step appends one entry per new
+    query. If the layer got shorter since (a cache cropped by assisted decoding), the queries of
+    the removed entries are dropped first.
+
+    Returns:
+        ``[batch, heads, n, head_dim]``, ``n = min(capacity, queries since the buffer was last cleared)``.
+
+    """
+    queries = view.queries.detach()
+    new = int(queries.shape[2])
+    length = int(view.keys.shape[2])
+    buffer = view.state.get(key)
+    if buffer is None or tuple(buffer["queries"].shape) != (*queries.shape[:2], capacity, queries.shape[-1]):
+        ring = torch.empty(*queries.shape[:2], capacity, queries.shape[-1], dtype=queries.dtype, device=queries.device)
+        buffer = {"queries": ring, "count": 0, "next": 0, "length": length - new}
+        view.state[key] = buffer
+    removed = max(0, int(buffer["length"]) - (length - new))
+    buffer["count"] = max(0, int(buffer["count"]) - removed)
+    buffer["next"] = (int(buffer["next"]) - removed) % capacity
+    taken = queries[:, :, -capacity:]
+    slots = (int(buffer["next"]) + torch.arange(int(taken.shape[2]), device=queries.device)) % capacity
+    buffer["queries"].index_copy_(2, slots, taken)
+    buffer["next"] = (int(buffer["next"]) + int(taken.shape[2])) % capacity
+    buffer["count"] = min(capacity, int(buffer["count"]) + new)
+    buffer["length"] = length
+    return buffered_queries(view.state, key)
+
+
+def buffered_queries(state: dict[str, Any], key: str = DECODE_QUERIES) -> torch.Tensor:
+    """The queries :func:`remember_decode_queries` holds, oldest first (``[batch, heads, n, head_dim]``)."""
+    buffer = state[key]
+    ring: torch.Tensor = buffer["queries"]
+    capacity, count = int(ring.shape[2]), int(buffer["count"])
+    order = (int(buffer["next"]) - count + torch.arange(count, device=ring.device)) % capacity
+    return ring.index_select(2, order)
+
+
+def forget_decode_queries(state: dict[str, Any], length: int, key: str = DECODE_QUERIES) -> None:
+    """Empty the buffer after a re-plan that leaves the layer ``length`` long (its entries moved)."""
+    buffer = state.get(key)
+    if buffer is not None:
+        buffer["count"], buffer["next"], buffer["length"] = 0, 0, int(length)
+
+
+def decode_cache_view(
+    view: DecodeView, queries: torch.Tensor, n_keep: tuple[int, ...], **view_options: Any
+) -> CacheView:
+    """The layer of a decode step as a :class:`CacheView`: its whole cache, with ``queries`` of its last entries.
+
+    ``queries`` are the buffered decode queries (:func:`remember_decode_queries`), the step's last;
+    ``view_options`` go to the view (``num_layers``).
+    """
+    return CacheView(
+        layer_idx=view.layer_idx,
+        keys=view.keys,
+        values=view.values,
+        queries=queries,
+        scaling=view.scaling,
+        head_modality=view.head_modality,
+        n_keep=n_keep,
+        state=view.state,
+        **view_options,
+    )
