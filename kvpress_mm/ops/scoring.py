@@ -244,7 +244,8 @@ def attention_column_sums_and_density(
             over all (query, visible key) pairs of the counted queries (0 for a row without any).
 
     """
-    b, hq, p, _ = queries.shape
+    b, hq = int(queries.shape[0]), int(queries.shape[1])
+    p = int(keys.shape[2])
     kvh = int(keys.shape[1])
     groups = hq // kvh
     sums = torch.zeros(b, kvh, groups, p, dtype=torch.float32, device=queries.device)
@@ -264,7 +265,9 @@ def attention_column_sums_and_density(
     # visible keys of each counted query: the real keys up to and including itself
     seen = key_valid.long().cumsum(-1).double() * counted.double()  # [B, P]
     positions = torch.arange(p, device=queries.device)
-    starts = torch.as_tensor(list(query_starts), device=queries.device)
+    # positions before the first query (a cache view's cached entries) have no query to count
+    offset = query_offset(queries, keys)
+    starts = torch.as_tensor([max(int(s), offset) for s in query_starts], device=queries.device)
     pairs = (seen * (positions[None, :] >= starts[:, None])).sum(-1)  # [B]
     density = significant.view(b, hq) / pairs.clamp(min=1)[:, None]
     return sums.view(b, hq, p), density.float()

@@ -88,6 +88,10 @@ class Strategy(Protocol):
     def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
         """An eviction after a decode step, or ``None``."""
 
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        """Positions per prefill chunk, or ``None`` for a prefill in one call."""
+
 
 @dataclass
 class CompressionReport:
@@ -350,7 +354,7 @@ class CompressionSession:
 
     def _install_chunked_prefill(self, adapter: ModelAdapter) -> None:
         """Split each prefill into chunks when the strategy asks for it (``prefill_chunk_size``)."""
-        chunk_size = getattr(self.compressor, "prefill_chunk_size", None)
+        chunk_size = self.compressor.prefill_chunk_size
         if chunk_size is None:
             return
         self._chunker = ChunkedPrefill(self.compressor, int(chunk_size), self._growing_cache, self._num_layers)

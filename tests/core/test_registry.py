@@ -514,6 +514,6 @@ def test_builtin_strategy_names_are_the_registered_builtins() -> None:
     from kvpress_mm.wrappers import BUILTIN_WRAPPERS
 
     assert len(set(BUILTIN_STRATEGIES)) == len(BUILTIN_STRATEGIES) == 12
-    assert len(set(BUILTIN_WRAPPERS)) == len(BUILTIN_WRAPPERS) == 3
+    assert len(set(BUILTIN_WRAPPERS)) == len(BUILTIN_WRAPPERS) == 5
     assert set(BUILTIN_STRATEGIES) | set(BUILTIN_WRAPPERS) <= set(list_strategies())
     assert set(LAYER_ADAPTIVE_STRATEGIES) <= set(BUILTIN_STRATEGIES)
