@@ -64,6 +64,11 @@ class H2O(ScoredCompressor):
             layer.state["windows"] = [clamp_window(self.protected_window(n), n) for n in layer.n_keep]
         return plan
 
+    @property
+    def acts_while_decoding(self) -> bool:
+        """True with ``decode_eviction`` (the session then builds a decode-time view at every step)."""
+        return self.decode_eviction
+
     def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
         """Add the step's attention to the scores and evict back down to the budget."""
         if not self.decode_eviction or "scores" not in layer.state:

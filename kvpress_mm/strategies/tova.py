@@ -76,6 +76,11 @@ class TOVA(ScoredCompressor):
             layer.state["tova_windows"] = [clamp_window(self.window_size, n) for n in layer.n_keep]
         return plan
 
+    @property
+    def acts_while_decoding(self) -> bool:
+        """True with ``decode_eviction`` (the session then builds a decode-time view at every step)."""
+        return self.decode_eviction
+
     def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
         """Re-score every entry by the step's last query and evict the lowest, back to the layer's size."""
         if not self.decode_eviction or "tova_windows" not in layer.state:

@@ -25,18 +25,19 @@ class Pyramid(Wrapper):
     Per row (prompt length ``L``, uniform budget ``B = min(n_keep, L)``), ``N`` decoder layers:
 
     - ``w`` = the inner strategy's protected window for ``B`` (``snapkv``: 32, ``h2o`` / LOOK-M:
-      ``B // 2``) with ``window_outside`` (default), else 0. The pyramid splits the rest,
-      ``N * (B - w)`` entries, and every layer keeps ``w`` on top of its share, so deep layers
-      never lose the window (PyramidKV's official layout). With ``window_outside=False`` the
-      window counts inside each layer's budget (kvpress's layout, STRATEGIES.md's definition).
-    - The line: ``b_min = (B - w) / beta``, ``b_max = 2 * (B - w) - b_min``; layer ``l`` (0 =
+      ``B // 2``) with ``window_outside`` (default), else 0; every layer keeps ``r = max(w, 1)``
+      entries on top of its share of the rest, ``N * (B - r)``. So deep layers never lose the
+      window (PyramidKV's official layout), and no layer keeps nothing. With
+      ``window_outside=False`` the window counts inside each layer's budget (kvpress's layout,
+      STRATEGIES.md's definition) and ``r = 1``.
+    - The line: ``b_min = (B - r) / beta``, ``b_max = 2 * (B - r) - b_min``; layer ``l`` (0 =
       first) gets ``b_max - l * (b_max - b_min) / (N - 1)``, rounded by largest remainder (ties to
       the lower layer) so that the layer budgets sum to ``N * B`` exactly.
-    - A layer may keep at most ``L - w`` besides the window. ``cap="line"`` (default, the official
-      code): if ``b_max > L - w``, ``b_max = L - w`` and ``b_min = 2 * (B - w) - b_max``, a flatter
+    - A layer may keep at most ``L - r`` besides ``r``. ``cap="line"`` (default, the official
+      code): if ``b_max > L - r``, ``b_max = L - r`` and ``b_min = 2 * (B - r) - b_max``, a flatter
       line with the same mean. ``cap="spill"`` (STRATEGIES.md): the uncapped line is rounded and a
       layer's excess over the cap moves to the next layers, in order.
-    - Layer ``l``'s inner strategy then plans with ``n_keep = w + share[l]``.
+    - Layer ``l``'s inner strategy then plans with ``n_keep = r + share[l]``.
 
     Differences from the official code, kept on purpose: budgets are exact (its integer
     ``steps`` overshoot slightly), and short prompts get the pyramid too (it falls back to a
@@ -82,10 +83,15 @@ class Pyramid(Wrapper):
         budgets = []
         for length, n_keep in zip(layer.prompt_lengths, layer.n_keep, strict=True):
             uniform = min(n_keep, length)
-            window = protected_window_of(self.inner, uniform) if self.window_outside else 0
-            shares = pyramid_budgets(uniform - window, layer.num_layers, length - window, self.beta, self.cap)
-            budgets.append(window + shares[layer.layer_idx])
+            reserved = self.reserved(uniform)
+            shares = pyramid_budgets(uniform - reserved, layer.num_layers, length - reserved, self.beta, self.cap)
+            budgets.append(reserved + shares[layer.layer_idx])
         return tuple(budgets)
+
+    def reserved(self, uniform: int) -> int:
+        """Entries every layer keeps before the split: the inner window (``window_outside``), at least 1."""
+        window = protected_window_of(self.inner, uniform) if self.window_outside else 0
+        return min(uniform, max(window, 1))
 
     def plan(self, layer: LayerView) -> CompressionPlan:
         """The inner strategy's plan with this layer's budgets."""

@@ -45,7 +45,7 @@ TEETH = 1e-3
 IMPLS = ["sdpa", "eager"]
 RATIOS = [0.5, 0.9]
 NEW_TOKENS = 3
-EVICTION_ONLY = {"random", "streaming", "h2o", "snapkv", "lookm-evict"}
+EVICTION_ONLY = {"random", "streaming", "h2o", "snapkv", "lookm-evict", "tova", "knorm", "vl-cache"}
 # snapkv's default window (32) would cover most of a tiny prompt
 CONFIGS: dict[str, dict[str, Any]] = {"snapkv": {"window_size": 4}}
 IMAGE_COUNTS = (1, 3, 0)

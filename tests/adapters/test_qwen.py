@@ -33,7 +33,7 @@ from tests.helpers.tiny_qwen_vlms import KINDS, LAYOUTS, batch, build, generate,
 ATOL = 1e-4
 TEETH = 1e-3  # a reference that is wrong must be at least this far from the compressed run
 NEW_TOKENS = 4
-EVICTION_ONLY = {"random", "streaming", "h2o", "snapkv", "lookm-evict"}
+EVICTION_ONLY = {"random", "streaming", "h2o", "snapkv", "lookm-evict", "tova", "knorm", "vl-cache"}
 IMPLS = ["sdpa", "eager"]
 RATIOS = [0.5, 0.9]
 LAYOUT_NAMES = list(LAYOUTS)  # one image, three of different sizes, none, a video

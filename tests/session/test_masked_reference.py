@@ -14,6 +14,7 @@ import torch
 
 from kvpress_mm import Compressor
 from kvpress_mm.errors import InvalidInputError
+from tests.helpers.budgets import assert_layer_budgets
 from tests.helpers.masked_reference import (
     PlanRecorder,
     cache_of,
@@ -41,6 +42,10 @@ EVICTION_ONLY: list[tuple[str, dict[str, Any], bool, bool]] = [
     ("snapkv", {"window_size": 4}, False, True),
     ("lookm-evict", {}, False, True),
     ("h2o", {}, True, True),  # decode eviction: the evicted set changes at every step
+    ("tova", {"head_average": "group"}, False, True),
+    ("tova", {"decode_eviction": True}, True, False),  # the paper's per-step eviction, one ranking per layer
+    ("knorm", {}, False, True),
+    ("vl-cache", {"threshold": 0.3}, False, True),  # per-layer budgets
 ]
 
 
@@ -78,7 +83,8 @@ def test_decode_equals_per_head_masked_reference(
 
     n_keep = int(PROMPT_LEN * (1 - RATIO))
     kept = {layer: kept_prompt_columns(p)[0] for layer, p in plans.items()}
-    assert all(len(cols) == n_keep for per_head_cols in kept.values() for cols in per_head_cols)
+    assert_layer_budgets(name, [len(cols[0]) for cols in kept.values()], n_keep, PROMPT_LEN)
+    assert all(len(cols) == len(per_head_cols[0]) for per_head_cols in kept.values() for cols in per_head_cols)
     if per_head:
         assert any(not torch.equal(cols[0], other) for cols in kept.values() for other in cols[1:]), (
             "the selections should differ between KV heads (per-head masks are what is being tested)"
@@ -114,7 +120,9 @@ def test_decode_equals_per_head_masked_reference(
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("case", [c for c in EVICTION_ONLY if c[0] in ("random", "snapkv", "h2o")], ids=_ids)
+@pytest.mark.parametrize(
+    "case", [c for c in EVICTION_ONLY if c[0] in ("random", "snapkv", "h2o", "tova", "vl-cache")], ids=_ids
+)
 def test_padded_batch_equals_masked_reference(case: tuple[str, dict[str, Any], bool, bool], impl: str) -> None:
     """Left padding and rows with different budgets (filler slots) under the same reference."""
     name, config, decode_plans, _ = case
