@@ -56,6 +56,8 @@ BUILTINS = {
     "pyramid": "wrappers.pyramid",
     "modality-budget": "wrappers.modality_budget",
     "mixkv": "wrappers.mixkv",
+    "decoding": "wrappers.decoding",
+    "chunked-prefill": "wrappers.chunked_prefill",
 }
 
 # every module the plugin fixtures define; dropped from sys.modules after each test
@@ -183,7 +185,7 @@ def test_hook_specs_take_a_register_callback() -> None:
 
 def test_list_strategies_is_exactly_the_builtins_without_autoload(no_autoload: None) -> None:
     assert list_strategies() == sorted(BUILTINS)
-    assert len(list_strategies()) == 15
+    assert len(list_strategies()) == 17
 
 
 # the built-in adapter modules in the order they are tried: by name, the fallback (generic) last
