@@ -99,15 +99,15 @@ def chunked_prefill_reference(
             causal = (chunk[None, :] <= chunk[:, None])[None, None] & valid[:, None, None, start:end]
             rows[..., start:end] |= causal
             visibility[layer][:, :, start:end] = rows
-        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         logits = masked_logits(
             model, input_ids, attention_mask, visibility, extra_inputs, explicit_positions, capture=captured
         )
         real_seen = valid[:, :end].sum(-1).tolist()
         n_keep = tuple(budget(int(n), ratio) for n in real_seen)
+        call_state: dict[str, Any] = {}  # shared by the chunk's layers (vl-cache's online totals)
         for layer in range(n_layers):
-            query, key = captured[layer]
-            value = key  # values do not influence any selection without merging
+            query, key, value = captured[layer]
             columns = torch.cat([kept[layer], chunk.expand(b, kv_heads, -1)], dim=-1)  # [B, kvH, kv]
             head_modality = _gather_columns(modality[:, None, :].expand(-1, kv_heads, -1).contiguous(), columns)
             head_modality = head_modality.masked_fill(columns < 0, int(Modality.PADDING))
@@ -126,6 +126,8 @@ def chunked_prefill_reference(
                 head_modality=head_modality,
                 n_keep=n_keep,
                 carried_attention=carried,
+                num_layers=n_layers,
+                call_state=call_state,
             )
             peaks[layer] = max(peaks[layer], int(columns.shape[-1]))
             plan = strategy.plan(view)

@@ -82,8 +82,8 @@ def decoding_reference(
         visible[:, :, :width, :width] = causal[:, None]
         visibility[layer] = visible
 
-    def forward() -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def forward() -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         logits = masked_logits(
             model, sequences, attention_mask, visibility, extra_inputs, explicit_positions, capture=captured
         )
@@ -95,11 +95,11 @@ def decoding_reference(
     n_keep = tuple(n if n < max_entries else target for n in (budget(int(r), ratio) for r in real))
     held: dict[int, torch.Tensor] = {}
     for layer in layers:
-        query, key = captured[layer]
+        query, key, value = captured[layer]
         view = LayerView(
             layer_idx=layer,
             keys=key[:, :, :width],
-            values=key[:, :, :width],
+            values=value[:, :, :width],
             queries=query[:, :, :width],
             scaling=float(modules[layer].scaling),
             modality=prompt_modality,
@@ -126,7 +126,7 @@ def decoding_reference(
             continue
         _, captured = forward()
         for layer in due:
-            query, key = captured[layer]
+            query, key, value = captured[layer]
             columns = held[layer]
             buffered = min(interval, since[layer])
             rows = torch.arange(row - buffered + 1, row + 1)
@@ -134,7 +134,7 @@ def decoding_reference(
             view = CacheView(
                 layer_idx=layer,
                 keys=_gather(key, columns),
-                values=_gather(key, columns),
+                values=_gather(value, columns),
                 queries=query[:, :, rows],
                 scaling=float(modules[layer].scaling),
                 head_modality=_gather(heads_modality, columns).masked_fill(columns < 0, int(Modality.PADDING)),

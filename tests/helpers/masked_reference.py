@@ -30,8 +30,8 @@ REF_PREFIX = "e2e_reference_"
 
 # per-layer [B, kvH, T, T] bool masks for the reference forward in progress
 _REF_MASKS: dict[int, torch.Tensor] = {}
-# per-layer (post-RoPE query [B, Hq, T, D], key [B, kvH, T, D]) of the reference forward, when asked for
-_CAPTURED: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+# per-layer (post-RoPE query [B, Hq, T, D], key [B, kvH, T, D], value) of the reference forward, when asked for
+_CAPTURED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def cache_of(output: Any) -> Any:
@@ -185,7 +185,8 @@ def _reference_attention(wrapped: str) -> Any:
     ) -> tuple[torch.Tensor, Any]:
         visible = _REF_MASKS[int(module.layer_idx)]  # type: ignore[arg-type]
         if _CAPTURED is not None:
-            _CAPTURED[int(module.layer_idx)] = (query.detach().clone(), key.detach().clone())  # type: ignore[arg-type]
+            captured = (query.detach().clone(), key.detach().clone(), value.detach().clone())
+            _CAPTURED[int(module.layer_idx)] = captured  # type: ignore[arg-type]
         groups = query.shape[1] // visible.shape[1]
         visible = visible.repeat_interleave(groups, dim=1).to(query.device)  # query head h -> kv head h // groups
         if wrapped == "sdpa":
@@ -228,7 +229,7 @@ def masked_logits(
     visibility: dict[int, torch.Tensor],
     extra_inputs: dict[str, Any] | None = None,
     explicit_positions: bool = True,
-    capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    capture: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]`` of a no-cache forward where layer ``l``'s queries see ``visibility[l]``.
 
@@ -239,7 +240,7 @@ def masked_logits(
     ``image_sizes``, ``mm_token_type_ids`` covering all ``T`` positions, ...); only the text
     decoder switches to the reference attention. ``explicit_positions=False`` lets the model
     derive positions itself (Qwen's multimodal RoPE from ``get_rope_index``). ``capture``
-    receives each layer's post-RoPE ``(query, key)`` of the forward.
+    receives each layer's post-RoPE ``(query, key, value)`` of the forward.
     """
     global _CAPTURED
     _register()
