@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=defaults.decode_tokens, help="greedy tokens generated")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs of every arm (median)")
     parser.add_argument(
-        "--strategies", nargs="+", default=list(defaults.strategies), help="strategies to compare with no compressor"
+        "--strategies",
+        nargs="+",
+        default=list(defaults.strategies),
+        help="strategies to compare with no compressor: names, or wrapper specs such as pyramid:snapkv",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -47,10 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """A :class:`Config` from parsed arguments (unknown strategies fail early)."""
-    from kvpress_mm import Compressor
+    from kvpress_mm.apps.run import compressor_from_spec
 
     for name in args.strategies:
-        Compressor.from_name(name)  # raises with the available names
+        compressor_from_spec(name, args.ratio)  # raises with the available names, or on a refused combination
     return Config(**config_values(Config, args))
 
 

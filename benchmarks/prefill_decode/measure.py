@@ -30,7 +30,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 NO_COMPRESSOR = "none"
-ALL_STRATEGIES = BUILTIN_STRATEGIES  # every arm but the no-compressor baseline (the tests read this name)
+#: Wrappers measured around their papers' usual inner strategy (an arm is a strategy spec: wrappers
+#: outermost first, ``kvpress_mm.apps.run.compressor_from_spec``).
+WRAPPER_ARMS: tuple[str, ...] = ("pyramid:snapkv", "modality-budget:snapkv", "mixkv:snapkv")
+ALL_STRATEGIES = (
+    *BUILTIN_STRATEGIES,
+    *WRAPPER_ARMS,
+)  # every arm but the no-compressor baseline (the tests read this name)
 
 
 @dataclass
@@ -121,11 +127,11 @@ def run_arm(model: PreTrainedModel, config: Config, arm: str, input_ids: torch.T
     """Greedy generation of ``new_tokens`` with ``arm``, timed step by step."""
     from transformers import DynamicCache
 
-    from kvpress_mm import Compressor
+    from kvpress_mm.apps.run import compressor_from_spec
 
     cache = DynamicCache(config=model.config)
     timer = PrefillTimer(cache)
-    compressor = None if arm == NO_COMPRESSOR else Compressor.from_name(arm, compression_ratio=config.ratio)
+    compressor = None if arm == NO_COMPRESSOR else compressor_from_spec(arm, config.ratio)
     _, session = timer.generate(model, input_ids, greedy_options(input_ids, new_tokens, cache=cache), compressor)
     return ArmRun(
         prefill_s=timer.prefill_s,
@@ -215,7 +221,7 @@ def measure(config: Config, log: bool = True) -> dict[str, ArmResult]:
             result.layers_compressed = run.report.layers_compressed
         if log:
             print(
-                f"repeat {repeat + 1}/{config.repeats} {arm:>15}: prefill {run.prefill_s:8.3f} s "
+                f"repeat {repeat + 1}/{config.repeats} {arm:>22}: prefill {run.prefill_s:8.3f} s "
                 f"(cpu {run.prefill_cpu_s:8.3f} s)",
                 file=sys.stderr,
                 flush=True,

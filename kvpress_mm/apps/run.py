@@ -68,6 +68,58 @@ def build_compressor(
     return Compressor.from_name(name, **config)
 
 
+#: Separates the names of a strategy spec: ``"mixkv:pyramid:snapkv"`` is mixkv(pyramid(snapkv)).
+SPEC_SEPARATOR = ":"
+
+
+def spec_names(spec: str) -> list[str]:
+    """The strategy names of a spec, outermost first: ``"pyramid:snapkv"`` -> ``["pyramid", "snapkv"]``.
+
+    Raises:
+        UsageError: an empty name (``"pyramid:"``).
+
+    """
+    names = [name.strip() for name in spec.split(SPEC_SEPARATOR)]
+    if not all(names):
+        raise UsageError(f"strategy spec {spec!r} has an empty name; write e.g. pyramid:snapkv or mixkv:pyramid:h2o")
+    return names
+
+
+def compressor_from_spec(
+    spec: str,
+    compression_ratio: float,
+    config: dict[str, Any] | None = None,
+    defaults: dict[str, dict[str, Any]] | None = None,
+) -> Compressor:
+    """A strategy from a spec: a registered name, or wrappers around it separated by ``:``.
+
+    ``"pyramid:snapkv"`` is ``pyramid`` with ``inner="snapkv"``; ``"mixkv:pyramid:h2o"`` is
+    ``mixkv(pyramid(h2o))``. ``config`` (a ``--set`` for the whole spec) goes to the outermost
+    strategy; ``defaults`` (per registered name, e.g. a benchmark's ``snapkv.window_size``) go to
+    each level whose name has some. The ratio is the outermost strategy's, which passes it down.
+
+    Raises:
+        UsageError: an empty name in the spec.
+        UnknownStrategyError: a name is not registered.
+        pydantic.ValidationError: a config value is invalid, or the combination is refused.
+
+    """
+    names = spec_names(spec)
+    defaults = defaults or {}
+    inner: dict[str, Any] | None = None
+    for depth, name in enumerate(reversed(names)):
+        level: dict[str, Any] = {"strategy": name, **defaults.get(name, {})}
+        if inner is not None:
+            level["inner"] = inner
+        if depth == len(names) - 1:  # the outermost
+            level.update(config or {})
+            if "text_ratio" not in level or "vision_ratio" not in level:
+                level["compression_ratio"] = compression_ratio
+        inner = level
+    assert inner is not None
+    return Compressor.from_config(inner)
+
+
 @dataclass
 class RunResult:
     """One ``kvpress-mm run``: the answer and what the cache cost."""

@@ -179,7 +179,7 @@ class LayerView(_LayerTensors):
 
         A strategy's scores still decide *how many* entries each part gets where a wrapper
         allocates by scores; the transform decides *which* entries fill each budget (``mixkv``).
-        The framework's selections (:func:`~kvpress_mm.ops.selection.select_top_with_window`,
+        The framework's selections (``kvpress_mm.ops.selection.select_top_with_window``,
         LOOK-M's text-first selection, the budget wrappers') apply it through
         :meth:`selection_scores`.
         """

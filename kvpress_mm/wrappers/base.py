@@ -18,7 +18,7 @@ with the wrapper's ratio; an inner that sets another ratio explicitly is refused
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field, ValidationInfo, field_serializer, field_validator
 
@@ -81,7 +81,7 @@ def with_ratio(strategy: Compressor, ratio: float) -> Compressor:
 class Wrapper(Compressor):
     """Base class of wrapper strategies: ``inner`` is the strategy the wrapper gives budgets or scores to.
 
-    Subclasses implement :meth:`plan` (usually by handing the inner strategy a view with other
+    Subclasses implement ``plan`` (usually by handing the inner strategy a view with other
     budgets, :meth:`LayerView.with_budgets <kvpress_mm.LayerView.with_budgets>`) and
     :meth:`check_inner`, which refuses the inner strategies the wrapper cannot use, with a
     message that says why. What the session asks of a strategy (attention statistics,
@@ -94,9 +94,9 @@ class Wrapper(Compressor):
 
     """
 
+    # the default is a name, built like any given value (validate_default): it shows as "snapkv"
     inner: Compressor = Field(
-        default_factory=lambda: build_inner(DEFAULT_INNER),
-        description="The wrapped strategy (name, config dict or object).",
+        default=cast(Any, DEFAULT_INNER), description="The wrapped strategy (name, config dict or object)."
     )
 
     @field_validator("inner", mode="before")

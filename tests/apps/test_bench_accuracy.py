@@ -185,6 +185,23 @@ def test_bench_accuracy_json_quiet_and_strategy_settings(capsys, tmp_path, refer
     assert not (tmp_path / "accuracy.png").exists() and (tmp_path / "accuracy.json").exists()
 
 
+def test_bench_accuracy_runs_wrapper_specs(capsys, tmp_path, reference_checkpoint):
+    code, out, err = run_cli(
+        capsys, "bench", "accuracy", "--model", reference_checkpoint,
+        "--strategies", "pyramid:snapkv,mixkv:pyramid:h2o", "--ratios", "0.8", "--images", "2", "--contexts", "1",
+        "--set", "pyramid:snapkv.beta=4",
+        "--output", tmp_path, "--no-plot", "--quiet", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    assert {c["strategy"] for c in data["cells"]} == {"full", "pyramid:snapkv", "mixkv:pyramid:h2o"}
+    configs = {s["strategy"]: s for s in data["settings"]["strategies"]}
+    assert configs["pyramid"]["beta"] == 4 and configs["pyramid"]["inner"]["strategy"] == "snapkv"
+    assert configs["pyramid"]["inner"]["window_size"] == 8, "the benchmark's snapkv default reaches an inner snapkv"
+    assert configs["mixkv"]["inner"]["inner"]["strategy"] == "h2o"
+    assert configs["mixkv"]["inner"]["compression_ratio"] == 0.8
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -195,6 +212,11 @@ def test_bench_accuracy_json_quiet_and_strategy_settings(capsys, tmp_path, refer
         (["--set", "snapkv"], "expected STRATEGY.FIELD=VALUE"),
         (["--set", "h2o.window_size=4", "--strategies", "snapkv"], "--set names strategy 'h2o'"),
         (["--set", "snapkv.window_size=-1", "--strategies", "snapkv"], "window_size"),
+        (["--strategies", "pyramid:"], "has an empty name"),
+        (["--strategies", "pyramid:snapkvv"], "unknown strategy 'snapkvv'"),
+        (["--strategies", "pyramid:pyramid:snapkv"], "pyramid(pyramid(...)) is meaningless"),
+        (["--strategies", "mixkv:full"], "needs an inner strategy that scores entries"),
+        (["--set", "pyramid:h2o.beta=0.5", "--strategies", "pyramid:h2o"], "beta"),
         (["--model", "{tmp}/none"], "does not exist"),
         (["--model", "{tmp}"], "holds no config.json"),
     ],

@@ -13,6 +13,7 @@ import pytest
 
 from kvpress_mm import list_strategies
 from kvpress_mm.registry import DISABLE_AUTOLOAD_ENV, strategy_infos
+from kvpress_mm.wrappers import BUILTIN_WRAPPERS
 from tests.helpers.cli_fixtures import run_cli, save_tiny_llava
 
 TINY_DEMO = ["demo", "--images", "2", "--new-tokens", "3"]
@@ -34,9 +35,10 @@ def test_strategies_lists_every_strategy_with_origin_description_and_defaults(ca
     for info in infos:
         assert f"{info.name}  [{info.origin}]" in out
     builtin = [info.name for info in infos if info.builtin]
-    assert len(builtin) == 9
+    assert len(builtin) == 15  # 12 strategies and 3 wrappers
     for name in builtin:
-        assert f"{name}  [built-in (kvpress_mm.strategies." in out
+        package = "wrappers" if name in BUILTIN_WRAPPERS else "strategies"
+        assert f"{name}  [built-in (kvpress_mm.{package}." in out
     assert f"({len(builtin)} built-in, {len(infos) - len(builtin)} from plugins)" in out
     assert "Keeps the observation window plus the prefix entries its queries attend to most." in out
     assert "window_size: int = 32" in out  # snapkv

@@ -42,7 +42,7 @@ from typing import Any
 from kvpress_mm.apps.reference.questions import MODES, answer_batch
 from kvpress_mm.apps.reference.render import word_ids
 from kvpress_mm.apps.reference.tasks import HELDOUT_SEED, TASK_KINDS, heldout_prompts
-from kvpress_mm.compressor import Compressor
+from kvpress_mm.apps.run import compressor_from_spec
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
 
 #: Strategies run when none are named (``full`` is the reference, run once at ratio 0).
@@ -153,15 +153,18 @@ def run_accuracy_benchmark(
     """Measure accuracy per task kind x strategy x ratio on fixed held-out prompts.
 
     Args:
-        strategies: registered strategy names; ``full`` runs once (ratio 0) as the reference.
+        strategies: registered strategy names, or wrapper specs (``"pyramid:snapkv"`` is
+            ``pyramid`` around ``snapkv``, see ``kvpress_mm.apps.run.compressor_from_spec``);
+            ``full`` runs once (ratio 0) as the reference.
         ratios: compression ratios of the other strategies.
         n_images: images per prompt; one held-out set per value.
         contexts: contexts per image count; each gives one prompt per task kind.
         mode: ``"question"`` (compress the context, then ask) or ``"last-token"`` (compress all
             but the prompt's last token); see the module docstring.
         batch_size: prompts per prefill call (rows are left-padded; 1 runs them one by one).
-        strategy_configs: extra config per strategy name, applied over
-            :data:`DEFAULT_STRATEGY_CONFIGS`.
+        strategy_configs: extra config per strategy name or spec (the spec's outermost
+            strategy), applied over :data:`DEFAULT_STRATEGY_CONFIGS`, which apply to every level
+            of a spec.
         model: a loaded reference model; default: loaded from ``checkpoint`` with
             :func:`kvpress_mm.apps.reference.load_reference_model`.
         checkpoint: the checkpoint directory to load when ``model`` is not given; default the
@@ -188,7 +191,7 @@ def run_accuracy_benchmark(
         for r in [0.0] if name == "full" else ratios:
             arms.append((name, float(r)))
     compressors = {
-        arm: Compressor.from_name(arm[0], compression_ratio=arm[1], **configs.get(arm[0], {})) for arm in arms
+        arm: compressor_from_spec(arm[0], arm[1], configs.get(arm[0], {}), DEFAULT_STRATEGY_CONFIGS) for arm in arms
     }
     sets = {n: heldout_prompts(n, contexts, seed=seed) for n in n_images}
     ids = word_ids()

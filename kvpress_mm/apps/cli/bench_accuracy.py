@@ -31,7 +31,7 @@ from kvpress_mm.apps.cli.parsers import (
     strategy_setting,
 )
 from kvpress_mm.apps.reference.questions import MODES
-from kvpress_mm.compressor import Compressor
+from kvpress_mm.apps.run import compressor_from_spec
 from kvpress_mm.errors import UsageError
 
 COMMAND = f"{PROG} bench accuracy"
@@ -53,6 +53,8 @@ examples:
   {COMMAND} --images 8 --contexts 16 --quiet         a fast run
   {COMMAND} --mode last-token                        compress all but the last token (question-aware)
   {COMMAND} --set snapkv.window_size=16              override a strategy's config
+  {COMMAND} --strategies pyramid:snapkv,mixkv:snapkv  wrappers around an inner strategy (outermost first)
+  {COMMAND} --strategies pyramid:h2o --set pyramid:h2o.beta=10   a wrapper's option
   {COMMAND} --model ./my-checkpoint --json           another reference checkpoint; JSON on stdout
 """
 
@@ -78,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=name_list,
         default=None,
         metavar="NAMES",
-        help="comma-separated strategy names, or 'all' for every registered one (default: every built-in; "
-        "full is always run, as the reference)",
+        help="comma-separated strategy names or wrapper specs (pyramid:snapkv = pyramid around snapkv, "
+        "outermost first), or 'all' for every registered one (default: every built-in strategy; full is "
+        "always run, as the reference)",
     )
     parser.add_argument(
         "--ratios",
@@ -110,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="STRATEGY.FIELD=VALUE",
-        help="a strategy config option (repeatable), values read as JSON, else text (default: "
+        help="a strategy config option (repeatable; STRATEGY is a name or spec of --strategies), values read as "
+        "JSON, else text (default: "
         + ", ".join(f"{s}.{k}={v}" for s, c in DEFAULT_STRATEGY_CONFIGS.items() for k, v in c.items())
         + ")",
     )
@@ -157,7 +161,7 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"--set names strategy '{unknown[0]}', which this run does not include")
     for name in names:  # fail fast on unknown names and invalid configs, before loading anything
         overrides = {**DEFAULT_STRATEGY_CONFIGS.get(name, {}), **configs.get(name, {})}
-        Compressor.from_name(name, compression_ratio=0.0 if name == "full" else ratios[0], **overrides)
+        compressor_from_spec(name, 0.0 if name == "full" else ratios[0], overrides, DEFAULT_STRATEGY_CONFIGS)
     directory = Path(reference_dir(args.model)) if args.model else require_checkpoint()
     model, processor = load_reference_model(directory)
     if not has_task_vocabulary(processor.tokenizer):
