@@ -127,7 +127,7 @@ class Compressor(BaseModel):
         ``None`` (default): the prompt goes in one call. Otherwise the session splits the text
         decoder's prefill call into chunks of this many positions and plans every layer after
         each chunk on a :class:`~kvpress_mm.ops.cache_view.CacheView` (see
-        :mod:`kvpress_mm.session.chunked`).
+        the ``chunked-prefill`` wrapper's page).
         """
         return None
 

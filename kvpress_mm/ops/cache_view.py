@@ -40,7 +40,7 @@ class CacheView(LayerView):
             entry received before this view's queries (see the module docstring).
 
     Everything else is :class:`~kvpress_mm.LayerView`'s; ``queries`` are
-    ``[batch, heads, q, head_dim]`` with ``q <= seq`` (:attr:`query_offset` = ``seq - q``).
+    ``[batch, heads, q, head_dim]`` with ``q <= seq`` (``query_offset`` = ``seq - q``).
 
     Examples:
         Two slots held, one new decode step (its entry is the last slot):
@@ -105,7 +105,7 @@ class CacheView(LayerView):
         return self._head_modality
 
     def accumulated_attention_per_head(self) -> torch.Tensor:
-        """``[batch, heads, seq]`` float32: the view's queries' column sums, plus :attr:`carried_attention`."""
+        """``[batch, heads, seq]`` float32: the view's queries' column sums, plus ``carried_attention``."""
         current = super().accumulated_attention_per_head()
         if self.carried_attention is None:
             return current

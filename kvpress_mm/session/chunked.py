@@ -25,6 +25,7 @@ chunks so far (carried across chunks along the kept entries), not only the curre
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,7 @@ class ChunkedPrefill:
         self._layers: dict[int, LayerState] = {}
         self._carried: dict[int, torch.Tensor] = {}
         self._pending: dict[int, _PendingChunkPlan] = {}
+        self._warned_sliding = False
 
     # -- installation --------------------------------------------------------------------
 
@@ -218,6 +220,13 @@ class ChunkedPrefill:
             # sliding-window layers hold their window only: transformers chunks them itself
             if chunk.last and self._report is not None:
                 self._report.layers_skipped += 1
+            if not self._warned_sliding:
+                warnings.warn(
+                    "kvpress-mm leaves sliding-window attention layers uncompressed (they already keep only "
+                    "their window); full-attention layers are compressed",
+                    stacklevel=2,
+                )
+                self._warned_sliding = True
             return attention.run_original(attention.attention_mask)
         if not compressible(layer):
             raise unsupported_cache_layer(layer, layer_idx)

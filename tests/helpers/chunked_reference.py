@@ -73,8 +73,14 @@ def chunked_prefill_reference(
     ratio: float,
     extra_inputs: dict[str, Any] | None = None,
     explicit_positions: bool = True,
+    sliding: dict[int, int] | None = None,
 ) -> ChunkedReference:
-    """Run the prompt's chunks one by one as described in the module docstring."""
+    """Run the prompt's chunks one by one as described in the module docstring.
+
+    ``sliding`` maps sliding-window layers to their window: they are never compressed, and each
+    position sees the positions of its window.
+    """
+    sliding = sliding or {}
     decoder: Any = model.get_decoder()  # type: ignore[operator]
     modules = [layer.self_attn for layer in decoder.layers]
     n_layers = len(modules)
@@ -93,6 +99,13 @@ def chunked_prefill_reference(
         end = min(length, start + chunk_size)
         chunk = torch.arange(start, end)
         for layer in range(n_layers):
+            if layer in sliding:
+                rows_i = chunk[:, None]
+                near = (torch.arange(length)[None, :] <= rows_i) & (
+                    rows_i - torch.arange(length)[None, :] < sliding[layer]
+                )
+                visibility[layer][:, :, start:end] = (near[None] & valid[:, None, :])[:, None]
+                continue
             seen = torch.zeros(b, kv_heads, length + 1, dtype=torch.bool)
             seen.scatter_(-1, kept[layer].masked_fill(kept[layer] < 0, length), True)
             rows = seen[..., :length, None].transpose(-1, -2).expand(-1, -1, end - start, -1).clone()
@@ -107,6 +120,8 @@ def chunked_prefill_reference(
         n_keep = tuple(budget(int(n), ratio) for n in real_seen)
         call_state: dict[str, Any] = {}  # shared by the chunk's layers (vl-cache's online totals)
         for layer in range(n_layers):
+            if layer in sliding:
+                continue
             query, key, value = captured[layer]
             columns = torch.cat([kept[layer], chunk.expand(b, kv_heads, -1)], dim=-1)  # [B, kvH, kv]
             head_modality = _gather_columns(modality[:, None, :].expand(-1, kv_heads, -1).contiguous(), columns)

@@ -231,3 +231,31 @@ def test_transformers_own_prefill_chunks_stay_refused() -> None:
         chunked(Compressor.from_name("snapkv", compression_ratio=RATIO), 8)(model),
     ):
         generate(model, ids, mask, max_new_tokens=2, prefill_chunk_size=8)
+
+
+def test_sliding_window_layers_go_chunk_by_chunk_uncompressed() -> None:
+    window = 8
+    model = build(
+        "qwen2",
+        "sdpa",
+        seed=8,
+        use_sliding_window=True,
+        sliding_window=window,
+        layer_types=["full_attention", "sliding_attention"],
+    )
+    ids, mask, _ = left_padded([24], seed=10)
+    inner = Compressor.from_name("snapkv", compression_ratio=RATIO, window_size=4)
+    recorder = PlanRecorder()
+    with (
+        pytest.warns(UserWarning, match="sliding-window"),
+        recorder.recording(),
+        chunked(inner, CHUNK)(model) as session,
+    ):
+        out = generate(model, ids, mask, max_new_tokens=1)
+    assert (session.report.layers_compressed, session.report.layers_skipped) == (1, 1)
+    assert type(cache_of(out).layers[1]).__name__ == "DynamicSlidingWindowLayer"
+    reference = chunked_prefill_reference(
+        model, ids, mask, modality_from_ids(ids, mask, -1), inner, CHUNK, RATIO, sliding={1: window}
+    )
+    assert torch.equal(kept_columns(recorder.per_layer(cache_of(out))[0], CHUNK, 24), reference.kept[0])
+    torch.testing.assert_close(out.logits[0], reference.logits[:, -1], atol=ATOL, rtol=0)
