@@ -227,7 +227,7 @@ def test_transformers_own_prefill_chunks_stay_refused() -> None:
     model = build("llama", "sdpa", seed=7)
     ids, mask, _ = left_padded([20], seed=9)
     with (
-        pytest.raises(InvalidInputError, match="prefill_chunk_size"),
+        pytest.raises(InvalidInputError, match="prefill_chunk_size.*chunked-prefill wrapper"),
         chunked(Compressor.from_name("snapkv", compression_ratio=RATIO), 8)(model),
     ):
         generate(model, ids, mask, max_new_tokens=2, prefill_chunk_size=8)
