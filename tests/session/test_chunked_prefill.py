@@ -126,9 +126,11 @@ def test_other_text_families_equal_the_chunked_reference(family: str) -> None:
     _check(model, {"input_ids": ids, "attention_mask": mask}, inner, _text_run)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", tv.FAMILIES)
 @pytest.mark.parametrize("case", INNERS[:2], ids=_ids)
-def test_llava_batch_equals_the_chunked_reference(family: str, case: tuple[str, dict[str, Any]]) -> None:
+def test_llava_family_and_internvl_batches_equal_the_chunked_reference(
+    family: str, case: tuple[str, dict[str, Any]]
+) -> None:
     name, config = case
     model = tv.build_vlm(family)
     prompts = [tv.make_prompt(family, model, 2, seed=1), tv.make_prompt(family, model, 1, seed=2)]

@@ -280,3 +280,29 @@ def test_flags() -> None:
     chunked = decoding({"strategy": "chunked-prefill", "inner": "snapkv", "chunk_size": 16})
     assert chunked.prefill_chunk_size == 16
     assert not decoding("snapkv").is_noop
+
+
+@pytest.mark.parametrize("family", [*tv.FAMILIES, *tq.KINDS])
+def test_every_vlm_family_batch_stays_within_the_bound(family: str) -> None:
+    """decoding(chunked-prefill(snapkv)) on a padded batch with images: chunked prompt, bounded decoding."""
+    if family in tq.KINDS:
+        model = tq.build(family)
+        inputs = tq.batch(
+            [tq.prompt(model, [5, ("image", (4, 6)), 7], seed=2), tq.prompt(model, [3, ("image", (4, 4)), 9], seed=3)]
+        )
+        run = tq.generate
+    else:
+        model = tv.build_vlm(family)
+        prompts = [tv.make_prompt(family, model, 2, seed=1), tv.make_prompt(family, model, 1, seed=2)]
+        ids, mask, pixels = tv.left_pad_batch(family, prompts)
+        inputs, run = {"input_ids": ids, "attention_mask": mask, **pixels}, tv.generate_vlm
+    strategy = decoding({"strategy": "chunked-prefill", "inner": "snapkv", "chunk_size": 6}, max_entries=16, interval=4)
+    probe = LengthProbe(model)
+    try:
+        with strategy(model) as session:
+            out = run(model, inputs, max_new_tokens=NEW_TOKENS)
+    finally:
+        probe.remove()
+    assert session.report.kv_bytes_peak > 0 and all(n <= 16 for n in session.report.n_keep)
+    assert max(max(lengths) for lengths in probe.after_calls) < 16
+    assert torch.isfinite(torch.stack(list(out.logits))).all()
