@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(worker(Config.from_json(args.worker_config), args.worker, args.worker_length)))
         return {}
     config = Config(**config_values(Config, args))
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)  # what the JSON's machine record reports (the workers set theirs)
     for arm in config.arms:
         config.compressor(arm)  # an unknown name or a refused combination fails here, before any run
     summary = summarize(config, measure(config, args.isolation, log=not args.quiet))
