@@ -7,6 +7,8 @@ from typing import Any
 import pydantic
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvpress_mm import Compressor
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
@@ -16,6 +18,7 @@ from tests.helpers.chunked_reference import modality_from_ids
 from tests.helpers.decoding_reference import decoding_reference
 from tests.helpers.masked_reference import PlanRecorder, cache_of
 from tests.helpers.tiny_models import build, generate, left_padded
+from tests.strategies.test_strategy_properties import configs
 
 ATOL = 1e-4
 RATIO = 0.5
@@ -306,3 +309,49 @@ def test_every_vlm_family_batch_stays_within_the_bound(family: str) -> None:
     assert session.report.kv_bytes_peak > 0 and all(n <= 16 for n in session.report.n_keep)
     assert max(max(lengths) for lengths in probe.after_calls) < 16
     assert torch.isfinite(torch.stack(list(out.logits))).all()
+
+
+# -- properties over every built-in inner ---------------------------------------------------------
+
+
+@st.composite
+def decoding_inners(draw: st.DrawFn) -> dict[str, Any]:
+    """A built-in inner strategy ``decoding`` accepts, with a random valid config."""
+    name = draw(st.sampled_from([n for n in BUILTIN_STRATEGIES if n not in ("full", "vl-cache")]))
+    config = draw(configs(name))
+    if "decode_eviction" in config:
+        config["decode_eviction"] = False
+    if "keep_all_text" in config:
+        config["keep_all_text"] = False
+    return {"strategy": name, **config}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    inner=decoding_inners(),
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    bound=st.integers(2, 30).flatmap(lambda m: st.tuples(st.just(m), st.integers(1, m - 1))),
+    ratio=st.sampled_from([0.0, 0.3, 0.7]),
+)
+def test_every_builtin_inner_keeps_the_bound_and_ratio_zero_is_a_no_op(
+    inner: dict[str, Any], lengths: list[int], bound: tuple[int, int], ratio: float
+) -> None:
+    max_entries, interval = bound
+    strategy = Compressor.from_name(
+        "decoding", inner=inner, max_entries=max_entries, interval=interval, compression_ratio=ratio
+    )
+    model = build("llama", "sdpa", seed=9)
+    ids, mask, _ = left_padded(lengths, seed=10)
+    probe = LengthProbe(model)
+    try:
+        with strategy(model):
+            out = generate(model, ids, mask, max_new_tokens=12)
+    finally:
+        probe.remove()
+    if ratio == 0:
+        assert strategy.is_noop
+        plain = generate(model, ids, mask, max_new_tokens=12)
+        assert torch.equal(out.sequences, plain.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, plain.logits, strict=True))
+        return
+    assert max(max(lengths) for lengths in probe.after_calls) < max_entries
