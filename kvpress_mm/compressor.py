@@ -121,6 +121,17 @@ class Compressor(BaseModel):
         return False
 
     @property
+    def prefill_chunk_size(self) -> int | None:
+        """Positions per chunk when the session must feed each prefill in chunks (``chunked-prefill``).
+
+        ``None`` (default): the prompt goes in one call. Otherwise the session splits the text
+        decoder's prefill call into chunks of this many positions and plans every layer after
+        each chunk on a :class:`~kvpress_mm.ops.cache_view.CacheView` (see
+        the ``chunked-prefill`` wrapper's page).
+        """
+        return None
+
+    @property
     def is_noop(self) -> bool:
         """True when the strategy never changes the cache (``compression_ratio == 0``)."""
         return self.compression_ratio == 0

@@ -19,8 +19,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 oldest="$(sed -n 's/^ *"transformers>=\([0-9][0-9.]*\),.*/\1/p' pyproject.toml)"
-if [ -z "$oldest" ]; then
-    echo "no \"transformers>=X,...\" requirement found in pyproject.toml" >&2
+if [ -z "$oldest" ] || [ "$(printf '%s\n' "$oldest" | wc -l)" -ne 1 ]; then
+    echo "expected exactly one \"transformers>=X,...\" requirement in pyproject.toml, found: ${oldest:-none}" >&2
     exit 1
 fi
 

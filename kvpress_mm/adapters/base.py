@@ -60,6 +60,27 @@ class ModelAdapter(ABC):
         """
         return None
 
+    def text_decoder(self, model: nn.Module) -> nn.Module:
+        """The text decoder: the module whose ``layers`` hold :meth:`attention_modules` (``model.get_decoder()``).
+
+        A chunked prefill splits this module's call (the vision tower and the input embeddings
+        run once, on the whole prompt).
+        """
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        return decoder if isinstance(decoder, nn.Module) else model
+
+    def split_decoder_inputs(self, model: nn.Module, inputs: Mapping[str, Any], start: int, end: int) -> dict[str, Any]:
+        """The family's own per-position inputs of the text decoder, for positions ``start .. end - 1``.
+
+        A chunked prefill feeds the text decoder one chunk of the prompt at a time; the session
+        splits the inputs every decoder takes (token ids or embeddings, the 2-D attention mask,
+        positions, multimodal RoPE positions included). A family whose decoder takes more
+        per-position inputs (Qwen3-VL's deepstack features) returns their chunk here, keyed by
+        argument name. The default: none.
+        """
+        return {}
+
     def record_prompt(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """What to remember about a prompt that gets compressed, for later calls on its cache.
 

@@ -12,7 +12,11 @@ the prefill (before any cache entry is compressed).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
+
+import torch
+from torch import nn
 
 from kvpress_mm.adapters.qwen_vl_base import QwenVLAdapter
 from kvpress_mm.adapters.qwen_vl_prompts import expand_vision_placeholders
@@ -26,6 +30,26 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     family = "Qwen3-VL (Qwen3VLForConditionalGeneration)"
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen3VLForConditionalGeneration",)
+
+    def split_decoder_inputs(self, model: nn.Module, inputs: Mapping[str, Any], start: int, end: int) -> dict[str, Any]:
+        """Deepstack: the image/video positions of the chunk and their rows of each layer's features.
+
+        The text decoder adds ``deepstack_visual_embeds[l]`` (one row per ``True`` of
+        ``visual_pos_masks [batch, seq]``, in row-major order) to the hidden states of layer
+        ``l``; a chunk gets its own positions' rows.
+        """
+        positions, features = inputs.get("visual_pos_masks"), inputs.get("deepstack_visual_embeds")
+        if not isinstance(positions, torch.Tensor) or features is None:
+            return {}
+        chunk = positions[:, start:end]
+        if not bool(chunk.any()):
+            return {"visual_pos_masks": None, "deepstack_visual_embeds": None}
+        rows = positions.flatten().long().cumsum(0).view_as(positions) - 1  # each visual position's row
+        picked = rows[:, start:end][chunk]
+        return {
+            "visual_pos_masks": chunk,
+            "deepstack_visual_embeds": [layer[picked.to(layer.device)] for layer in features],
+        }
 
 
 @hookimpl

@@ -151,7 +151,9 @@ def online_share(remaining: int, weight: float, mean_weight: float, later_layers
     """
     if later_layers == 0:
         return remaining
-    exact = Fraction(remaining) * Fraction(weight) / (Fraction(weight) + later_layers * Fraction(mean_weight))
+    total = Fraction(weight) + later_layers * Fraction(mean_weight)
+    # no weight at all (a row whose prefill chunk so far is all padding): an equal share
+    exact = Fraction(remaining) * Fraction(weight) / total if total > 0 else Fraction(remaining, later_layers + 1)
     lowest = max(low, remaining - later_layers * high)
     highest = min(high, remaining - later_layers * low)
     return min(max(round_half_down(exact), lowest), highest)

@@ -63,7 +63,8 @@ class _CausalSoftmaxChunks:
     see. Every block lives in one reused buffer of at most ``chunk_bytes`` (a block's
     probabilities are valid until the next block is produced); chunks get as many query rows
     as fit, so later chunks (wider) get fewer rows. A chunk fitting in the CPU's caches
-    makes the passes over it (logits, softmax, column sums, ``probs @ V``) cheaper.
+    makes the passes over it (logits, softmax, column sums, ``probs @ V``) cheaper. The queries
+    may be those of the last positions only (:func:`query_offset`); positions are the keys'.
 
     ``query_start`` is the first query of every row, or one per row.
 
@@ -85,8 +86,12 @@ class _CausalSoftmaxChunks:
     ) -> None:
         # statistics for a discrete selection: no gradient (and out= buffers refuse autograd)
         queries, keys = queries.detach(), keys.detach()
-        b, hq, p, _ = queries.shape
-        starts = [query_start] * b if isinstance(query_start, int) else [int(s) for s in query_start]
+        b, hq, _, _ = queries.shape
+        p = int(keys.shape[2])
+        # queries may be fewer than the keys: they are those of the last positions (a cache view)
+        self.offset = query_offset(queries, keys)
+        given = [query_start] * b if isinstance(query_start, int) else [int(s) for s in query_start]
+        starts = [max(start, self.offset) for start in given]
         self.queries, self.scaling, self.key_valid = queries, scaling, key_valid
         self.kv_heads = int(keys.shape[1])
         self.groups = hq // self.kv_heads
@@ -124,7 +129,8 @@ class _CausalSoftmaxChunks:
                 heads = slice(head * groups, (head + 1) * groups)
                 for start, end in chunks:
                     rows, width = end - start, end - first
-                    q = (self.queries[row, heads, start:end].float() * self.scaling).reshape(groups * rows, d)
+                    chunk_queries = self.queries[row, heads, start - self.offset : end - self.offset]
+                    q = (chunk_queries.float() * self.scaling).reshape(groups * rows, d)
                     logits = self.buffer[: groups * rows * width].view(groups * rows, width)
                     torch.matmul(q, self.keys_t[row, head, :, first:end], out=logits)
                     logits = logits.view(groups, rows, width)
@@ -135,6 +141,18 @@ class _CausalSoftmaxChunks:
                     # in place (ATen's softmax.out, row by row): no second chunk-sized buffer
                     probs = torch._softmax(logits, -1, False, out=logits)
                     yield _Block(row, head, start, end, first, probs)
+
+
+def query_offset(queries: torch.Tensor, keys: torch.Tensor) -> int:
+    """Position of the first query: ``queries [B, Hq, q, D]`` are those of the last ``q`` of the ``keys``' positions.
+
+    At a prefill every position has its query (offset 0); on a cache view (a cache re-planned
+    with the queries of its latest calls) the queries are those of the last ``q`` entries.
+    """
+    q, p = int(queries.shape[2]), int(keys.shape[2])
+    if q > p:
+        raise ValueError(f"{q} queries for {p} keys: queries must belong to the last keys' positions")
+    return p - q
 
 
 def _counted_queries(key_valid: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
@@ -171,19 +189,23 @@ def attention_column_sums(
     8k tokens at 4 MiB).
 
     Args:
-        queries: ``[B, Hq, P, D]`` post-RoPE queries of the prompt.
-        keys: ``[B, kvH, P, D]`` post-RoPE keys of the prompt.
+        queries: ``[B, Hq, q, D]`` post-RoPE queries of the last ``q <= P`` positions (``q = P``
+            at a prefill: every position's query; fewer on a cache view, see
+            :func:`query_offset`). Query ``i`` sees the keys ``j <= P - q + i``.
+        keys: ``[B, kvH, P, D]`` post-RoPE keys.
         scaling: the attention module's softmax scale.
         key_valid: ``[B, P]`` bool, False for padding keys (they get zero probability).
-        query_valid: ``[B, P]`` bool, False for queries that do not count (padding).
-        query_start: first query position that counts (SnapKV's observation window).
+        query_valid: ``[B, P]`` bool, by position, False for queries that do not count (padding).
+        query_start: first query position that counts (SnapKV's observation window); positions
+            before the first query never count.
         chunk_bytes: bound on one block's float32 logits.
 
     Returns:
         ``[B, Hq, P]`` float32 column sums, per query head.
 
     """
-    b, hq, p, _ = queries.shape
+    b, hq = int(queries.shape[0]), int(queries.shape[1])
+    p = int(keys.shape[2])
     kvh = int(keys.shape[1])
     sums = torch.zeros(b, kvh, hq // kvh, p, dtype=torch.float32, device=queries.device)
     counted = _counted_queries(key_valid, query_valid)
@@ -222,7 +244,8 @@ def attention_column_sums_and_density(
             over all (query, visible key) pairs of the counted queries (0 for a row without any).
 
     """
-    b, hq, p, _ = queries.shape
+    b, hq = int(queries.shape[0]), int(queries.shape[1])
+    p = int(keys.shape[2])
     kvh = int(keys.shape[1])
     groups = hq // kvh
     sums = torch.zeros(b, kvh, groups, p, dtype=torch.float32, device=queries.device)
@@ -242,7 +265,9 @@ def attention_column_sums_and_density(
     # visible keys of each counted query: the real keys up to and including itself
     seen = key_valid.long().cumsum(-1).double() * counted.double()  # [B, P]
     positions = torch.arange(p, device=queries.device)
-    starts = torch.as_tensor(list(query_starts), device=queries.device)
+    # positions before the first query (a cache view's cached entries) have no query to count
+    offset = query_offset(queries, keys)
+    starts = torch.as_tensor([max(int(s), offset) for s in query_starts], device=queries.device)
     pairs = (seen * (positions[None, :] >= starts[:, None])).sum(-1)  # [B]
     density = significant.view(b, hq) / pairs.clamp(min=1)[:, None]
     return sums.view(b, hq, p), density.float()

@@ -122,14 +122,26 @@ def select_text_first(
     With ``keep_all_text`` every text entry outside the window is kept even beyond the budget,
     and image/video entries fill what is left of the budget (possibly nothing). Scores are
     ranked through ``layer.selection_scores`` (see :func:`select_top_with_window`).
+
+    Text is decided per KV head (``layer.head_modality``): a re-planned cache
+    (:class:`~kvpress_mm.ops.cache_view.CacheView`) may hold a text entry in one head and an image
+    entry in another at the same slot; each head then fills its budget text first on its own.
     """
     scores = layer.selection_scores(scores, clamped_windows(layer, window_size))
     neg_inf = torch.tensor(float("-inf"), device=scores.device)
+    head_modality = layer.head_modality
 
     def text_first(b: int, outside: int, budget: int) -> torch.Tensor:
         positions = layer.real_positions(b)[:outside]
         row_scores = scores[b][:, positions]  # [kvH, outside]
-        is_text = (layer.modality[b, positions] == Modality.TEXT).expand_as(row_scores)
+        is_text = head_modality[b][:, positions] == Modality.TEXT  # [kvH, outside]
+        if not bool((is_text == is_text[:1]).all()):
+            if keep_all_text:
+                raise InvalidPlanError("keep_all_text needs the same text entries in every KV head (a prefill)")
+            # each head on its own: every text entry ranks above every image/video entry
+            finite = torch.where(row_scores.isfinite(), row_scores, 0.0)
+            lift = (finite.max() - finite.min()).abs() + 1.0 if finite.numel() else 1.0
+            return _topk_sorted(row_scores + is_text * lift, budget)
         n_text = int(is_text[0].sum())
         if n_text >= budget and not keep_all_text:
             return _topk_sorted(torch.where(is_text, row_scores, neg_inf), budget)

@@ -56,9 +56,13 @@ class LayerView(_LayerTensors):
         layer_idx: index of the decoder layer.
         keys: ``[batch, kv_heads, seq, head_dim]`` post-RoPE keys of the prompt (as cached).
         values: ``[batch, kv_heads, seq, head_dim]``.
-        queries: ``[batch, heads, seq, head_dim]`` post-RoPE queries of the prompt.
+        queries: ``[batch, heads, seq, head_dim]`` post-RoPE queries of the prompt. On a
+            :class:`~kvpress_mm.ops.cache_view.CacheView` (a whole cache re-planned while
+            decoding or between prefill chunks) they are the queries of the last ``q <= seq``
+            entries only; the statistics below handle both.
         scaling: the attention module's softmax scale.
-        modality: ``[batch, seq]`` int8 :class:`~kvpress_mm.Modality` codes.
+        modality: ``[batch, seq]`` int8 :class:`~kvpress_mm.Modality` codes (per KV head:
+            :attr:`head_modality`).
         n_keep: entries each row keeps (its own budget; rows differ when padded). A wrapper
             that gives layers or modalities other budgets hands its inner strategy a view with
             other budgets (:meth:`with_budgets`).
@@ -133,6 +137,22 @@ class LayerView(_LayerTensors):
     def seq_len(self) -> int:
         """Padded prompt length (columns of the cache)."""
         return int(self.keys.shape[2])
+
+    @property
+    def head_modality(self) -> torch.Tensor:
+        """``[batch, kv_heads, seq]`` int8: the modality of each KV head's entry at each position.
+
+        After a prefill every KV head holds the same entries (``modality`` for each head). A
+        compressed cache that is re-planned (a :class:`~kvpress_mm.ops.cache_view.CacheView`)
+        may hold another entry in each KV head at the same slot, since selections are per KV
+        head: strategies whose choice depends on modality read this, not ``modality``.
+        """
+        return self.modality[:, None, :].expand(-1, self.kv_heads, -1)
+
+    @property
+    def query_offset(self) -> int:
+        """Position of the first query: 0 at a prefill, ``seq - q`` on a cache view (queries of the last ``q``)."""
+        return self.seq_len - int(self.queries.shape[2])
 
     def real_positions(self, row: int) -> torch.Tensor:
         """Positions of the row's real (non-padding) entries, ascending."""
@@ -224,7 +244,10 @@ class LayerView(_LayerTensors):
         return group_mean(self.accumulated_attention_per_head(), self.kv_heads)
 
     def window_attention_per_head(self, window_size: int) -> torch.Tensor:
-        """``[batch, heads, seq]`` float32: sum over the last ``window_size`` prompt queries."""
+        """``[batch, heads, seq]`` float32: sum over the last ``window_size`` prompt queries.
+
+        A window longer than the queries there are (a cache view's) uses all of them.
+        """
         key = ("window", window_size)
         if key not in self._cache:
             start = max(0, self.seq_len - window_size)
@@ -248,6 +271,10 @@ class DecodeView(_LayerTensors):
         n_keep: each row's budget.
         state: the layer's strategy state (see :class:`LayerView`).
 
+    The constructor's optional ``head_modality`` is a function returning the
+    ``[batch, kv_heads, kv]`` modality of every slot (computed on first use of
+    :attr:`head_modality`: most decode steps never need it).
+
     """
 
     def __init__(
@@ -262,11 +289,30 @@ class DecodeView(_LayerTensors):
         visible: torch.Tensor,
         n_keep: tuple[int, ...],
         state: dict[str, Any],
+        head_modality: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(layer_idx, keys, values, queries, scaling, n_keep, state)
         self.slot_valid = slot_valid
         self.visible = visible
         self._attention: torch.Tensor | None = None
+        self._head_modality_source = head_modality
+        self._head_modality: torch.Tensor | None = None
+
+    @property
+    def head_modality(self) -> torch.Tensor:
+        """``[batch, kv_heads, kv]`` int8 :class:`~kvpress_mm.Modality` of each KV head's entry at each slot.
+
+        Prompt entries keep their own modality, decoded entries are ``TEXT``, filler slots
+        ``PADDING``. Without a source (a view built outside a session), every valid slot is ``TEXT``.
+        """
+        if self._head_modality is None:
+            if self._head_modality_source is not None:
+                self._head_modality = self._head_modality_source()
+            else:
+                text = torch.full(self.slot_valid.shape, int(Modality.TEXT), dtype=torch.int8, device=self.keys.device)
+                text = text.masked_fill(~self.slot_valid, int(Modality.PADDING))
+                self._head_modality = text[:, None, :].expand(-1, self.kv_heads, -1)
+        return self._head_modality
 
     def attention(self) -> torch.Tensor:
         """``[batch, heads, q, kv]`` float32 softmax probabilities of the step's queries."""

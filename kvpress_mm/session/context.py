@@ -45,10 +45,12 @@ from kvpress_mm.session.attention import (
     register_attention_functions,
 )
 from kvpress_mm.session.calls import CallInfo, call_tokens, continuation_call, prefill_call
+from kvpress_mm.session.chunked import ChunkedPrefill
 from kvpress_mm.session.decode import attend_compressed
 from kvpress_mm.session.generation import Drafting, instrument_generate, require_cache_backend
 from kvpress_mm.session.prefill import fused_prefill_attention, plan_deferred_layers, plan_layer, prefill_view
 from kvpress_mm.session.ragged import attend_ragged, claim_ragged_layer, ragged_layer
+from kvpress_mm.session.slots import follow_plan
 from kvpress_mm.session.state import LayerState, state_of
 
 
@@ -86,6 +88,10 @@ class Strategy(Protocol):
     def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
         """An eviction after a decode step, or ``None``."""
 
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        """Positions per prefill chunk, or ``None`` for a prefill in one call."""
+
 
 @dataclass
 class CompressionReport:
@@ -103,6 +109,11 @@ class CompressionReport:
         kv_bytes_after: the same layers' bytes right after compression.
         prompt_lengths: real (non-padding) prompt tokens of each row of the batch.
         n_keep: cache entries each row keeps per layer and KV head (its budget).
+        kv_bytes_peak: the most bytes the keys and values of all the cache's layers held at
+            once during the prefill (measured at each compressed layer's attention, new
+            entries included): with a per-layer compression, the earlier layers are already
+            compressed while a layer attends to the whole prompt; with a chunked prefill, no
+            layer holds more than its budget plus one chunk.
 
     """
 
@@ -112,6 +123,7 @@ class CompressionReport:
     kv_bytes_after: int = 0
     prompt_lengths: tuple[int, ...] = ()
     n_keep: tuple[int, ...] = ()
+    kv_bytes_peak: int = 0
 
     @property
     def ratio_kept(self) -> float:
@@ -169,6 +181,7 @@ class CompressionSession:
         self._drafting = Drafting()  # an assistant model's prefill is in progress
         # compressed layers move into a GrowingLayer: decode steps append in place (no torch.cat copy)
         self._growing_cache = growing_cache
+        self._chunker: ChunkedPrefill | None = None  # the prefill in chunks (strategies with prefill_chunk_size)
 
     # -- entering and leaving -------------------------------------------------------------
 
@@ -207,6 +220,8 @@ class CompressionSession:
                 undo = instrument(self.model)
                 if undo is not None:
                     self._undo.append(undo)
+            if not self.compressor.is_noop:
+                self._install_chunked_prefill(adapter)
             for module in self._modules:
                 self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
@@ -238,6 +253,7 @@ class CompressionSession:
         self._call = None
         self._cache = None
         self._pending.clear()
+        self._chunker = None
         self._deferred.clear()
 
     # -- hooks ----------------------------------------------------------------------------
@@ -264,7 +280,11 @@ class CompressionSession:
             assert self._call.modality is not None
             lengths = (self._call.modality != Modality.PADDING).sum(-1).tolist()
             self.report = CompressionReport(prompt_lengths=tuple(int(n) for n in lengths), n_keep=self._call.n_keep)
+            if self._chunker is not None:
+                self._chunker.arm(self._call, self.report)
             return
+        if self._chunker is not None:
+            self._chunker.arm(None)
         if state is None:  # a cache filled without compression: plain transformers behaviour
             self._call = CallInfo(
                 False, int(tokens.shape[1]), torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
@@ -281,6 +301,9 @@ class CompressionSession:
 
     def _after_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
+        if self._chunker is not None and self._chunker.current is not None and self._call is not None:
+            self._chunker.after_attention(layer_idx, self._cache, self._call)
+            return
         pending = self._pending.pop(layer_idx, None)
         if pending is not None:
             self._apply(layer_idx, *pending)
@@ -307,8 +330,13 @@ class CompressionSession:
             return
         layer = self._cache.layers[layer_idx]
         before = kv_bytes(layer) if prefill else 0
+        if prefill:
+            held = sum(kv_bytes(each) for each in self._cache.layers)
+            self.report.kv_bytes_peak = max(self.report.kv_bytes_peak, held)
         if plan is not None:
             apply_plan(layer, plan, keys, values)
+            prompt = self._call.modality if prefill and self._call is not None else None
+            follow_plan(layer_state, plan, prompt)
             layer_state.set_slots(plan.slot_valid)
             if prefill and self._growing_cache:
                 grow_in_place(layer)
@@ -333,6 +361,8 @@ class CompressionSession:
         call, cache = self._call, self._cache
         if call is None or cache is None or (call.prefill and self.compressor.is_noop):
             return attention.run_original(attention.attention_mask)
+        if self._chunker is not None and self._chunker.current is not None:
+            return self._chunker.attend(attention, cache)
         if call.prefill:
             fused = None
             if self.fused_prefill:
@@ -365,6 +395,14 @@ class CompressionSession:
             "evicts_while_decoding": bool(self.compressor.evicts_while_decoding),
             "strategy": type(self.compressor).__name__,
         }
+
+    def _install_chunked_prefill(self, adapter: ModelAdapter) -> None:
+        """Split each prefill into chunks when the strategy asks for it (``prefill_chunk_size``)."""
+        chunk_size = self.compressor.prefill_chunk_size
+        if chunk_size is None:
+            return
+        self._chunker = ChunkedPrefill(self.compressor, int(chunk_size), self._growing_cache, self._num_layers)
+        self._undo.append(self._chunker.install(adapter, self.model))
 
     def _plan_prefill(self, attention: AttentionCall, cache: Any, accumulated: torch.Tensor | None = None) -> None:
         assert self._call is not None

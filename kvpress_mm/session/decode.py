@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
-from kvpress_mm.errors import InvalidInputError
+from kvpress_mm.errors import InvalidInputError, InvalidPlanError
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.views import DecodeView
 from kvpress_mm.session.attention import AttentionCall
 from kvpress_mm.session.calls import CallInfo
+from kvpress_mm.session.slots import slot_modality
 from kvpress_mm.session.state import LayerState
 
 
@@ -66,6 +67,7 @@ def attend_compressed(
     if decodes:
         if visible is None:
             visible = visible_keys(layer_state, call, q_len, key.device)
+        known, kv_heads, length = layer_state.slot_modality, int(key.shape[1]), cached + q_len
         view = DecodeView(
             layer_idx=layer_idx,
             keys=key,
@@ -76,8 +78,32 @@ def attend_compressed(
             visible=visible,
             n_keep=layer_state.n_keep,
             state=layer_state.strategy_state,
+            head_modality=lambda: slot_modality(known, slot_valid, call.batch_size, kv_heads, length),
         )
         plan = strategy.decode_plan(view)
+        if plan is not None:
+            check_decode_plan(type(strategy).__name__, plan, view)
     layer_state.length = cached + q_len
     layer_state.slot_valid = slot_valid
     return output, plan
+
+
+def check_decode_plan(name: str, plan: CompressionPlan, view: DecodeView) -> None:
+    """Raise :class:`~kvpress_mm.errors.InvalidPlanError` unless a decode-time ``plan`` fits ``view`` (of ``name``)."""
+    if not isinstance(plan, CompressionPlan):
+        raise InvalidPlanError(f"{name}.decode_plan() must return a CompressionPlan or None, got {type(plan).__name__}")
+    b, h, kv = view.batch_size, view.kv_heads, int(view.keys.shape[2])
+    kept, valid = plan.kept_indices, plan.slot_valid
+    if kept.dim() != 3 or tuple(kept.shape[:2]) != (b, h) or tuple(valid.shape) != (b, kept.shape[2]):
+        raise InvalidPlanError(
+            f"{name}: decode plan shapes kept_indices {tuple(kept.shape)} / slot_valid {tuple(valid.shape)} "
+            f"do not match [batch={b}, kv_heads={h}, n_slots]"
+        )
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= kv):
+        raise InvalidPlanError(f"{name}: decode plan kept_indices out of range [0, {kv})")
+    kept_valid = view.slot_valid.to(kept.device).gather(1, kept.flatten(1)).view_as(kept)
+    if bool((~kept_valid & valid[:, None, :].to(kept.device)).any()):
+        raise InvalidPlanError(f"{name}: the decode plan keeps filler slots as valid entries")
+    for tensor, what in ((plan.keys, "keys"), (plan.values, "values")):
+        if tensor is not None and tuple(tensor.shape) != (*kept.shape, view.keys.shape[-1]):
+            raise InvalidPlanError(f"{name}: merged {what} must have shape {(*kept.shape, view.keys.shape[-1])}")

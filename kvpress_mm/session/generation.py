@@ -151,8 +151,9 @@ def _stand_in_prefill(model: nn.Module, strategy: Any, drafting: Drafting) -> Ca
         if chunk is not None:
             raise InvalidInputError(
                 f"chunked prefill is not supported under compression: drop prefill_chunk_size (it is {chunk}; "
-                "pass prefill_chunk_size=None to generate, or unset it in the generation config). Compression "
-                "needs the whole prompt in one prefill call"
+                "pass prefill_chunk_size=None to generate, or unset it in the generation config). To prefill "
+                "in chunks with compression after each, use the chunked-prefill wrapper: "
+                "Compressor.from_name('chunked-prefill', inner=..., chunk_size=...)"
             )
         assistant = bool(getattr(config, "is_assistant", False))
         refusal = rollback_refusal(strategy)

@@ -66,6 +66,9 @@ class LayerState:
     slot_valid: torch.Tensor | None  # [B, length] bool, False for filler slots; None = all valid
     n_keep: tuple[int, ...]
     strategy_state: dict[str, Any]
+    # [B, kv_heads, n] int8: the modality of the first n slots, per KV head; later slots were
+    # appended since (TEXT, PADDING where invalid). See kvpress_mm.session.slots.
+    slot_modality: torch.Tensor | None = None
 
     def set_slots(self, slot_valid: torch.Tensor) -> None:
         """Record the layer's slots after a change (``None`` when all are valid: the fast path)."""
@@ -88,6 +91,8 @@ class LayerState:
         """Keep rows ``rows`` of ``batch`` (in that order), as the cache just did."""
         if self.slot_valid is not None:
             self.slot_valid = self.slot_valid.index_select(0, rows.to(self.slot_valid.device))
+        if self.slot_modality is not None:
+            self.slot_modality = self.slot_modality.index_select(0, rows.to(self.slot_modality.device))
         self.n_keep = tuple(self.n_keep[i] for i in rows.tolist())
         selected = select_rows(self.strategy_state, rows, batch)
         self.strategy_state.clear()  # in place: the dict is the strategy's, views share it

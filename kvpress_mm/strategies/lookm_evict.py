@@ -24,12 +24,16 @@ from kvpress_mm.ops.views import LayerView
 def text_priority(scores: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
     """Non-negative ``scores`` ``[B, kvH, P]`` re-ranked so that every text entry ranks above every other one.
 
+    ``modality`` is ``[B, P]`` (every KV head alike) or ``[B, kvH, P]`` (``LayerView.head_modality``).
+
     Text entries keep their score (``>= 0``); image and video entries get ``-1 / (1 + s)``, in
     ``[-1, 0)`` and increasing with ``s``: the order inside each group is kept and every
     text entry outranks every image/video entry of its row, in one tensor that any selection
     (or a wrapper's) can rank.
     """
-    is_text = (modality == Modality.TEXT)[:, None, :]
+    is_text = modality == Modality.TEXT
+    if is_text.dim() == 2:  # [B, P]: the same for every KV head
+        is_text = is_text[:, None, :]
     return torch.where(is_text, scores, -1.0 / (1.0 + scores))
 
 
@@ -66,7 +70,7 @@ class LookMEvict(ScoredCompressor):
 
     def score(self, layer: LayerView) -> torch.Tensor:
         """Accumulated attention with every text entry ranked above every image/video entry (float32)."""
-        return text_priority(layer.accumulated_attention(), layer.modality)
+        return text_priority(layer.accumulated_attention(), layer.head_modality)
 
     @property
     def respects_budgets(self) -> bool:

@@ -10,4 +10,4 @@ adapters or ``transformers``.
 #: Names of the built-in wrappers, in the order commands and benchmarks report them. Each takes
 #: an inner strategy (``inner=``, default ``snapkv``); they are not in
 #: :data:`~kvpress_mm.strategies.BUILTIN_STRATEGIES`, whose members compress on their own.
-BUILTIN_WRAPPERS: tuple[str, ...] = ("pyramid", "modality-budget", "mixkv", "adakv")
+BUILTIN_WRAPPERS: tuple[str, ...] = ("pyramid", "modality-budget", "mixkv", "adakv", "decoding", "chunked-prefill")

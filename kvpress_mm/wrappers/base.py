@@ -161,6 +161,11 @@ class Wrapper(Compressor):
         """The inner strategy's."""
         return self.inner.respects_budgets
 
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        """The inner strategy's (``decoding(chunked-prefill(...))`` still chunks its prefills)."""
+        return self.inner.prefill_chunk_size
+
 
 def get_strategy_name(cls: type) -> str:
     """The registered name of wrapper class ``cls`` (its class name before registration)."""

@@ -35,7 +35,7 @@ def test_strategies_lists_every_strategy_with_origin_description_and_defaults(ca
     for info in infos:
         assert f"{info.name}  [{info.origin}]" in out
     builtin = [info.name for info in infos if info.builtin]
-    assert len(builtin) == 16  # 12 strategies and 4 wrappers
+    assert len(builtin) == 18  # 12 strategies and 6 wrappers
     for name in builtin:
         package = "wrappers" if name in BUILTIN_WRAPPERS else "strategies"
         assert f"{name}  [built-in (kvpress_mm.{package}." in out

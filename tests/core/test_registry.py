@@ -57,6 +57,8 @@ BUILTINS = {
     "modality-budget": "wrappers.modality_budget",
     "mixkv": "wrappers.mixkv",
     "adakv": "wrappers.adakv",
+    "decoding": "wrappers.decoding",
+    "chunked-prefill": "wrappers.chunked_prefill",
 }
 
 # every module the plugin fixtures define; dropped from sys.modules after each test
@@ -184,7 +186,7 @@ def test_hook_specs_take_a_register_callback() -> None:
 
 def test_list_strategies_is_exactly_the_builtins_without_autoload(no_autoload: None) -> None:
     assert list_strategies() == sorted(BUILTINS)
-    assert len(list_strategies()) == 16
+    assert len(list_strategies()) == 18
 
 
 # the built-in adapter modules in the order they are tried: by name, the fallback (generic) last
@@ -515,6 +517,6 @@ def test_builtin_strategy_names_are_the_registered_builtins() -> None:
     from kvpress_mm.wrappers import BUILTIN_WRAPPERS
 
     assert len(set(BUILTIN_STRATEGIES)) == len(BUILTIN_STRATEGIES) == 12
-    assert len(set(BUILTIN_WRAPPERS)) == len(BUILTIN_WRAPPERS) == 4
+    assert len(set(BUILTIN_WRAPPERS)) == len(BUILTIN_WRAPPERS) == 6
     assert set(BUILTIN_STRATEGIES) | set(BUILTIN_WRAPPERS) <= set(list_strategies())
     assert set(LAYER_ADAPTIVE_STRATEGIES) <= set(BUILTIN_STRATEGIES)

@@ -23,12 +23,15 @@ import torch
 from torch import nn
 
 import kvpress_mm.cache.surgery as cache_surgery
+import kvpress_mm.session.chunked as chunked_module
 import kvpress_mm.session.context as session_module
 
 REF_PREFIX = "e2e_reference_"
 
 # per-layer [B, kvH, T, T] bool masks for the reference forward in progress
 _REF_MASKS: dict[int, torch.Tensor] = {}
+# per-layer (post-RoPE query [B, Hq, T, D], key [B, kvH, T, D], value) of the reference forward, when asked for
+_CAPTURED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def cache_of(output: Any) -> Any:
@@ -69,7 +72,7 @@ class PlanRecorder:
     @contextmanager
     def recording(self) -> Iterator[PlanRecorder]:
         # the session imports apply_plan by name; patch that name and the defining module's
-        modules = [session_module, cache_surgery]
+        modules = [session_module, chunked_module, cache_surgery]
         original = cache_surgery.apply_plan
         assert session_module.apply_plan is original, "the session no longer applies plans through apply_plan"
 
@@ -194,6 +197,9 @@ def _reference_attention(wrapped: str) -> Any:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
         visible = _REF_MASKS[int(module.layer_idx)]  # type: ignore[arg-type]
+        if _CAPTURED is not None:
+            captured = (query.detach().clone(), key.detach().clone(), value.detach().clone())
+            _CAPTURED[int(module.layer_idx)] = captured  # type: ignore[arg-type]
         groups = query.shape[1] // visible.shape[1]
         visible = visible.repeat_interleave(groups, dim=1).to(query.device)  # query head h -> kv head h // groups
         if wrapped == "sdpa":
@@ -236,6 +242,7 @@ def masked_logits(
     visibility: dict[int, torch.Tensor],
     extra_inputs: dict[str, Any] | None = None,
     explicit_positions: bool = True,
+    capture: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]`` of a no-cache forward where layer ``l``'s queries see ``visibility[l]``.
 
@@ -245,8 +252,10 @@ def masked_logits(
     Vision-language models: ``extra_inputs`` go to the forward as they are (``pixel_values``,
     ``image_sizes``, ``mm_token_type_ids`` covering all ``T`` positions, ...); only the text
     decoder switches to the reference attention. ``explicit_positions=False`` lets the model
-    derive positions itself (Qwen's multimodal RoPE from ``get_rope_index``).
+    derive positions itself (Qwen's multimodal RoPE from ``get_rope_index``). ``capture``
+    receives each layer's post-RoPE ``(query, key, value)`` of the forward.
     """
+    global _CAPTURED
     _register()
     config: Any = model.config.get_text_config()  # type: ignore[union-attr,operator]
     multimodal = bool(getattr(model.config, "sub_configs", None))
@@ -274,11 +283,13 @@ def masked_logits(
     if explicit_positions:
         inputs["position_ids"] = positions_from_mask(attention_mask)
     switch(REF_PREFIX + implementation)
+    _CAPTURED = capture
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
     finally:
         switch(implementation)
         _REF_MASKS.clear()
+        _CAPTURED = None
     return logits.float()
 
 
