@@ -161,6 +161,31 @@ class Compressor(BaseModel):
         return not self.is_noop and self.acts_while_decoding
 
     @property
+    def plans_ragged_heads(self) -> bool:
+        """True when plans may keep different numbers of entries per KV head (``adakv``).
+
+        Such plans are stored as ragged layers (:class:`~kvpress_mm.cache.ragged.RaggedLayer`),
+        which only a ``DynamicCache`` can become: other caches are refused before the prefill.
+        """
+        return False
+
+    @property
+    def decode_eviction_remedy(self) -> str:
+        """How to build this strategy so that it does not evict while decoding (error messages quote it).
+
+        Where decode-time eviction cannot work (assisted decoding, ``cache.crop``, a quanto / HQQ
+        cache, ragged layers), the error ends with this sentence. Default: the conventional
+        ``decode_eviction`` option where the strategy has one; a plugin with another switch
+        overrides it.
+        """
+        if "decode_eviction" in type(self).model_fields:
+            return (
+                f"Build it with decode_eviction=False (Compressor.from_name({self.name!r}, ..., "
+                "decode_eviction=False): it then evicts only at the prefill)"
+            )
+        return "Use a strategy that does not evict while decoding (evicts_while_decoding is False)"
+
+    @property
     def name(self) -> str:
         """The name this strategy class is registered under."""
         return strategy_name(type(self))

@@ -167,7 +167,7 @@ def shared_entries(layer: Any) -> tuple[Any, ...]:
     return (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values)
 
 
-def check_decode_eviction(cache: Any, strategy: str) -> None:
+def check_decode_eviction(cache: Any, strategy: str, remedy: str) -> None:
     """Refuse decode-time eviction on a quanto / HQQ cache, before the first token.
 
     Evicting while decoding would rebuild the quantized store at every step: one full
@@ -181,8 +181,7 @@ def check_decode_eviction(cache: Any, strategy: str) -> None:
             raise UnsupportedCacheError(
                 f"{strategy} evicts cache entries while decoding, which on a {type(layer).__name__} cache (layer "
                 f"{layer_idx}) would re-quantize the whole cache at every step and bypass its full-precision residual "
-                "window. Turn decode-time eviction off (h2o: decode_eviction=False, prefill-only H2O), use "
-                "QuantizedCache(backend='fp8') (evicts exactly), or a DynamicCache"
+                f"window. {remedy}; or use QuantizedCache(backend='fp8') (evicts exactly) or a DynamicCache"
             )
 
 

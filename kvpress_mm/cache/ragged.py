@@ -316,6 +316,20 @@ _NO_RECTANGLE = (
 )
 
 
+def can_hold_ragged_heads(layer: Any) -> bool:
+    """True for the layers :func:`apply_ragged_plan` turns ragged: a plain ``DynamicLayer`` or a ``GrowingLayer``."""
+    return type(layer) is DynamicLayer or type(layer) is GrowingLayer
+
+
+def ragged_storage_refusal(layer: Any) -> UnsupportedCacheError:
+    """The error for a plan with per-head budgets on a layer that cannot hold heads of different lengths."""
+    return UnsupportedCacheError(
+        f"ragged per-head storage (adakv) needs a DynamicLayer or GrowingLayer cache layer, not a "
+        f"{type(layer).__name__}: quantized, offloaded and static caches cannot hold heads of different "
+        "lengths. Use transformers' DynamicCache, or a strategy with uniform per-head budgets"
+    )
+
+
 def apply_ragged_plan(
     layer: Any, plan: CompressionPlan, headroom: int = DEFAULT_HEADROOM, growth: float = DEFAULT_GROWTH
 ) -> RaggedLayer:
@@ -331,12 +345,8 @@ def apply_ragged_plan(
             or a layer that is ragged already).
 
     """
-    if type(layer) is not DynamicLayer and type(layer) is not GrowingLayer:
-        raise UnsupportedCacheError(
-            f"ragged per-head storage (adakv) needs a DynamicLayer or GrowingLayer cache layer, not a "
-            f"{type(layer).__name__}: quantized, offloaded and static caches cannot hold heads of different "
-            "lengths. Use transformers' DynamicCache, or a strategy with uniform per-head budgets"
-        )
+    if not can_hold_ragged_heads(layer):
+        raise ragged_storage_refusal(layer)
     assert plan.head_valid is not None, "apply_ragged_plan needs a ragged plan (head_valid set)"
     keys, values = layer.keys, layer.values
     assert keys is not None and values is not None, "an empty cache layer has no entries to keep"

@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvpress_mm.cache import quantized
 from kvpress_mm.cache.growing import GrowingLayer
-from kvpress_mm.cache.ragged import RaggedLayer, apply_ragged_plan
+from kvpress_mm.cache.ragged import RaggedLayer, apply_ragged_plan, can_hold_ragged_heads, ragged_storage_refusal
 from kvpress_mm.errors import UnsupportedCacheError
 from kvpress_mm.ops.plan import CompressionPlan, gather_entries
 
@@ -116,14 +116,23 @@ def unsupported_cache_layer(layer: Any, layer_idx: int) -> UnsupportedCacheError
     )
 
 
-def check_cache_layers(cache: Any, *, evicts_while_decoding: bool = False, strategy: str = "the strategy") -> None:
+def check_cache_layers(
+    cache: Any,
+    *,
+    evicts_while_decoding: bool = False,
+    ragged_heads: bool = False,
+    strategy: str = "the strategy",
+    remedy: str = "Turn its decode-time eviction off",
+) -> None:
     """Refuse, up front, a cache kvpress-mm cannot compress (or not with ``strategy``).
 
     Refused: an offloaded cache (``cache_implementation='offloaded'``: its layers move between
     devices behind the session's back), a cache whose (non-sliding) layers are neither
-    ``DynamicLayer``, ``GrowingLayer`` nor supported quantized layers, and a quanto / HQQ cache
+    ``DynamicLayer``, ``GrowingLayer`` nor supported quantized layers, a quanto / HQQ cache
     when ``strategy`` evicts while decoding
-    (:func:`~kvpress_mm.cache.quantized.check_decode_eviction`).
+    (:func:`~kvpress_mm.cache.quantized.check_decode_eviction`), and, when the strategy's plans
+    give KV heads different budgets (``ragged_heads``: adakv), a cache whose layers cannot hold
+    heads of different lengths (quantized ones).
     """
     if getattr(cache, "offloading", False):
         raise UnsupportedCacheError(
@@ -134,21 +143,24 @@ def check_cache_layers(cache: Any, *, evicts_while_decoding: bool = False, strat
         if not getattr(layer, "is_sliding", False) and not compressible(layer):
             raise unsupported_cache_layer(layer, layer_idx)
     if evicts_while_decoding:
-        quantized.check_decode_eviction(cache, strategy)
+        quantized.check_decode_eviction(cache, strategy, remedy)
+    if ragged_heads:  # refused before the prefill, not when the first plan happens to be ragged
+        for layer in getattr(cache, "layers", None) or ():
+            if not getattr(layer, "is_sliding", False) and not can_hold_ragged_heads(layer):
+                raise ragged_storage_refusal(layer)
 
 
-def check_decode_eviction(cache: Any, strategy: str) -> None:
+def check_decode_eviction(cache: Any, strategy: str, remedy: str) -> None:
     """Refuse, before a call continues ``cache``, a strategy that evicts while decoding where it cannot.
 
     Quanto / HQQ layers (each eviction would re-quantize the whole cache:
     :func:`~kvpress_mm.cache.quantized.check_decode_eviction`) and ragged layers (decode-time
     eviction keeps every head at one budget; ragged heads hold different numbers of entries).
     """
-    quantized.check_decode_eviction(cache, strategy)
+    quantized.check_decode_eviction(cache, strategy, remedy)
     for layer_idx, layer in enumerate(getattr(cache, "layers", None) or ()):
         if isinstance(layer, RaggedLayer):
             raise UnsupportedCacheError(
                 f"{strategy} evicts cache entries while decoding, but layer {layer_idx} of this cache stores ragged "
-                "per-head layers (adakv), and decode-time eviction needs equally long heads: use "
-                "decode_eviction=False (h2o, tova)"
+                f"per-head layers (adakv), and decode-time eviction needs equally long heads. {remedy}"
             )

@@ -73,6 +73,14 @@ class Strategy(Protocol):
     def defers_plans(self) -> bool:
         """True when the strategy plans every layer at the end of the prefill."""
 
+    @property
+    def plans_ragged_heads(self) -> bool:
+        """True when plans may give KV heads different budgets (only a DynamicCache stores them)."""
+
+    @property
+    def decode_eviction_remedy(self) -> str:
+        """The sentence that tells how to build the strategy without decode-time eviction."""
+
     def budgets(self, modality: torch.Tensor) -> tuple[int, ...]:
         """Each row's budget for a prefill with this modality map."""
 
@@ -273,7 +281,7 @@ class CompressionSession:
                 self.report = _uncompressed_report(tokens, kwargs.get("attention_mask"))
                 return
             if cache is not None:  # before input checks that a static cache's 4-D mask would trip
-                check_cache_layers(cache, **self._eviction())
+                check_cache_layers(cache, **self._cache_requirements())
             validate = not self._drafting.active  # an assistant's placeholders come without images
             budgets = self.compressor.budgets
             self._call = prefill_call(self._adapter, self.model, inputs, tokens, budgets, validate=validate)
@@ -291,7 +299,7 @@ class CompressionSession:
             )
             return
         if self.compressor.evicts_while_decoding:  # the strategy that compressed the cache may not have evicted
-            check_decode_eviction(cache, type(self.compressor).__name__)
+            check_decode_eviction(cache, type(self.compressor).__name__, self.compressor.decode_eviction_remedy)
         self._call = continuation_call(self._adapter, self.model, inputs, tokens, state)
 
     def _before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -389,11 +397,13 @@ class CompressionSession:
             self._pending[attention.layer_idx] = (plan, layer_state, False, attention.key, attention.value)
         return output
 
-    def _eviction(self) -> dict[str, Any]:
+    def _cache_requirements(self) -> dict[str, Any]:
         """What :func:`~kvpress_mm.cache.surgery.check_cache_layers` needs to know of the strategy."""
         return {
             "evicts_while_decoding": bool(self.compressor.evicts_while_decoding),
+            "ragged_heads": bool(self.compressor.plans_ragged_heads) and not self.compressor.is_noop,
             "strategy": type(self.compressor).__name__,
+            "remedy": self.compressor.decode_eviction_remedy,
         }
 
     def _install_chunked_prefill(self, adapter: ModelAdapter) -> None:

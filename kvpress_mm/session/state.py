@@ -186,18 +186,12 @@ def rollback_refusal(strategy: Any) -> str | None:
     """Why caches of ``strategy`` cannot be rolled back (``cache.crop``), or ``None`` when they can.
 
     A strategy whose decode step evicts entries (``evicts_while_decoding``) chose them with the
-    attention of tokens a crop would take back; the message names the option that turns the
-    eviction off where the strategy has the conventional one (``decode_eviction``).
+    attention of tokens a crop would take back; the message ends with the strategy's
+    ``decode_eviction_remedy``.
     """
     if not getattr(strategy, "evicts_while_decoding", False):
         return None
-    if "decode_eviction" in getattr(type(strategy), "model_fields", {}):
-        fix = (
-            f"Build it with decode_eviction=False (Compressor.from_name({getattr(strategy, 'name', '...')!r}, ..., "
-            "decode_eviction=False): it then evicts only at the prefill), or use another strategy"
-        )
-    else:
-        fix = "Use a strategy that does not evict while decoding (evicts_while_decoding is False)"
+    fix = getattr(strategy, "decode_eviction_remedy", "Use a strategy that does not evict while decoding")
     return (
         f"{strategy!r} evicts cache entries while decoding, chosen with the attention of the newest tokens; "
         f"removing tokens again (assisted decoding's rollback of rejected drafts, cache.crop) cannot bring those "

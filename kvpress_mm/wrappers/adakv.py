@@ -90,6 +90,11 @@ class AdaKV(Wrapper):
                 "one size per head: use decode_eviction=False"
             )
 
+    @property
+    def plans_ragged_heads(self) -> bool:
+        """True unless ``alpha`` is 1 (every head keeps ``n_keep`` by its own scores)."""
+        return self.alpha < 1
+
     def head_counts(self, layer: LayerView, scores: Any, windows: list[int]) -> list[Any]:
         """Each row's ``[kv_heads]`` counts (:func:`~kvpress_mm.ops.head_budgets.adaptive_head_counts`)."""
         return [

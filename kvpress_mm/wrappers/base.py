@@ -46,6 +46,14 @@ def build_inner(value: Any) -> Compressor:
     )
 
 
+def chain(strategy: Compressor) -> list[Compressor]:
+    """``strategy`` and the inner strategies of its wrappers, outermost first."""
+    strategies = [strategy]
+    while isinstance(strategies[-1], Wrapper):
+        strategies.append(strategies[-1].inner)
+    return strategies
+
+
 def innermost(strategy: Compressor) -> Compressor:
     """The strategy at the bottom of a chain of wrappers."""
     while isinstance(strategy, Wrapper):
@@ -146,6 +154,16 @@ class Wrapper(Compressor):
     def is_noop(self) -> bool:
         """True when the ratio is 0 or the inner strategy never changes the cache (``full``)."""
         return self.compression_ratio == 0 or self.inner.is_noop
+
+    @property
+    def plans_ragged_heads(self) -> bool:
+        """The inner strategy's (``pyramid(adakv(...))`` keeps ragged heads)."""
+        return self.inner.plans_ragged_heads
+
+    @property
+    def decode_eviction_remedy(self) -> str:
+        """The inner strategy's, which is the one evicting while decoding."""
+        return f"For its inner strategy: {self.inner.decode_eviction_remedy}"
 
     @property
     def acts_while_decoding(self) -> bool:

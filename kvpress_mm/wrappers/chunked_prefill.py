@@ -15,7 +15,7 @@ from kvpress_mm.compressor import Compressor
 from kvpress_mm.hookspecs import hookimpl
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.views import LayerView
-from kvpress_mm.wrappers.base import Wrapper
+from kvpress_mm.wrappers.base import Wrapper, chain
 
 
 class ChunkedPrefill(Wrapper):
@@ -96,7 +96,7 @@ class ChunkedPrefill(Wrapper):
                 "all layers at the end of the prefill, which keeps the whole prompt until then. Use "
                 "vl-cache with allocation='online'"
             )
-        if any(strategy.name == "modality-budget" for strategy in _chain(inner)):
+        if any(strategy.name == "modality-budget" for strategy in chain(inner)):
             raise ValueError(
                 "chunked-prefill cannot wrap modality-budget: it splits each row's budget by the modality counts "
                 "of the entries it is shown, which after the first chunk are the cached entries, not the prompt"
@@ -119,14 +119,6 @@ class ChunkedPrefill(Wrapper):
     def plan(self, layer: LayerView) -> CompressionPlan:
         """The inner strategy's plan of the chunk's view (or of the whole prompt, with a single chunk)."""
         return self.inner.plan(layer)
-
-
-def _chain(strategy: Compressor) -> list[Compressor]:
-    """``strategy`` and the inner strategies of its wrappers, outermost first."""
-    chain = [strategy]
-    while isinstance(chain[-1], Wrapper):
-        chain.append(chain[-1].inner)
-    return chain
 
 
 @hookimpl

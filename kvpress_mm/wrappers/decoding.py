@@ -16,7 +16,7 @@ from kvpress_mm.hookspecs import hookimpl
 from kvpress_mm.ops.cache_view import decode_cache_view, forget_decode_queries, remember_decode_queries
 from kvpress_mm.ops.plan import CompressionPlan
 from kvpress_mm.ops.views import DecodeView, LayerView
-from kvpress_mm.wrappers.base import Wrapper, innermost
+from kvpress_mm.wrappers.base import Wrapper, chain, innermost
 
 #: Where the layer's recent decode queries wait for the next re-plan (in the layer's state).
 _QUERIES = "decoding_queries"
@@ -108,6 +108,12 @@ class Decoding(Wrapper):
                 "its prefill size while decoding, and its per-step scores would not follow decoding's re-plans. Use "
                 f"'{evicting.name}' with decode_eviction=False"
             )
+        if any(strategy.name == "adakv" for strategy in chain(inner)):
+            raise ValueError(
+                "decoding cannot wrap adakv: adakv stores each layer's KV heads at different lengths (ragged), and "
+                "decoding's re-plans evict every head to one size. Use decoding around the scored strategy alone "
+                "(decoding(snapkv) ...), or adakv without decoding"
+            )
         if inner.allocates_budgets or inner.defers_plans:
             raise ValueError(
                 f"decoding bounds every layer at the same max_entries; its inner strategy '{inner.name}' allocates "
@@ -132,6 +138,14 @@ class Decoding(Wrapper):
     def acts_while_decoding(self) -> bool:
         """True: every step's queries are buffered, and a layer that reaches ``max_entries`` is re-planned."""
         return True
+
+    @property
+    def decode_eviction_remedy(self) -> str:
+        """Bounding the cache while decoding is what this wrapper is for: the remedy is going without it."""
+        return (
+            f"Use the inner strategy without the decoding wrapper (Compressor.from_name({self.inner.name!r}, ...): "
+            "it compresses at the prefill only), or a DynamicCache"
+        )
 
     def decode_plan(self, layer: DecodeView) -> CompressionPlan | None:
         """Buffer the step's queries; re-plan the whole layer down to ``target`` once it holds ``max_entries``."""

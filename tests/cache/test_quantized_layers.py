@@ -170,8 +170,8 @@ def test_decode_time_eviction_is_refused_on_group_quantized_caches_only() -> Non
     quanto = QuantizedCache(
         "quanto", CONFIG, **{k: v for k, v in CACHE_CONFIGS["quanto-4bit"].items() if k != "backend"}
     )
-    with pytest.raises(UnsupportedCacheError, match=r"H2O evicts .*decode_eviction=False"):
-        check_cache_layers(quanto, evicts_while_decoding=True, strategy="H2O")
+    with pytest.raises(UnsupportedCacheError, match=r"H2O evicts .*Turn it off with X=0; or use .*fp8"):
+        check_cache_layers(quanto, evicts_while_decoding=True, strategy="H2O", remedy="Turn it off with X=0")
     check_cache_layers(quanto)  # prompt compression alone is fine
     check_cache_layers(QuantizedCache("fp8", CONFIG), evicts_while_decoding=True, strategy="H2O")
 

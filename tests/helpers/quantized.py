@@ -20,6 +20,7 @@ from transformers import cache_utils
 from transformers.cache_utils import QuantizedCache
 
 import kvpress_mm.cache.surgery as cache_surgery
+import kvpress_mm.session.chunked as chunked_module
 import kvpress_mm.session.context as session_module
 from kvpress_mm.cache.quantized import quantized_kind
 
@@ -132,7 +133,9 @@ class StoreRecorder:
     @contextmanager
     def recording(self) -> Iterator[StoreRecorder]:
         original: Callable[..., None] = cache_surgery.apply_plan
-        assert session_module.apply_plan is original, "the session no longer applies plans through apply_plan"
+        # the session applies prompt and decode plans, the chunked prefill each chunk's plan
+        appliers = (session_module, chunked_module)
+        assert all(m.apply_plan is original for m in appliers), "the session no longer applies plans via apply_plan"
 
         def recording_apply_plan(layer: Any, plan: Any, *source: Any) -> None:
             prefill = id(layer) not in self._scales
@@ -164,11 +167,13 @@ class StoreRecorder:
                 )
             )
 
-        session_module.apply_plan = recording_apply_plan  # type: ignore[assignment]
+        for module in appliers:
+            module.apply_plan = recording_apply_plan  # type: ignore[attr-defined]
         try:
             yield self
         finally:
-            session_module.apply_plan = original  # type: ignore[assignment]
+            for module in appliers:
+                module.apply_plan = original  # type: ignore[attr-defined]
 
     def _prompt_scales(self, layer: Any, source: tuple[Any, ...]) -> Any:
         if self.qdq is None or quantized_kind(self.qdq) != "fp8":

@@ -28,6 +28,7 @@ import tests.helpers.tiny_qwen_vlms as qwen
 from kvpress_mm import CompressionPlan, Compressor, DecodeView, LayerView, ScoredCompressor
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.strategies import BUILTIN_STRATEGIES
+from kvpress_mm.wrappers import BUILTIN_WRAPPERS
 from tests.helpers import tiny_models
 from tests.helpers.tiny_models import hook_count
 from tests.helpers.tiny_vlms import IMAGE, build_vlm, make_prompt
@@ -41,7 +42,8 @@ def _rollback_cases() -> dict[str, tuple[str, dict[str, Any]]]:
     """Every built-in strategy in a configuration that can be rolled back (snapkv with a small window).
 
     A strategy that evicts while decoding is taken with its eviction turned off where it has the
-    option (``h2o``: ``decode_eviction=False``, then it has no decode-time state).
+    option (``h2o``: ``decode_eviction=False``, then it has no decode-time state). Every built-in
+    wrapper but ``decoding`` (which evicts while decoding by design) is taken around snapkv.
     """
     cases: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in BUILTIN_STRATEGIES:
@@ -51,6 +53,12 @@ def _rollback_cases() -> dict[str, tuple[str, dict[str, Any]]]:
             cases[f"{name}-prefill-only"] = (name, config)
         else:
             cases[name] = (name, config)
+    # every wrapper that can be rolled back, around snapkv (decoding evicts while decoding: refused below)
+    snapkv = {"strategy": "snapkv", "window_size": 4}
+    for name in BUILTIN_WRAPPERS:
+        if name != "decoding":
+            chunking = {"chunk_size": 8} if name == "chunked-prefill" else {}
+            cases[f"{name}-snapkv"] = (name, {"inner": snapkv} | chunking)
     return cases
 
 
@@ -292,6 +300,21 @@ def test_decode_eviction_is_refused_before_the_first_token(kind: str, drafter: s
     # with the option the message names, the same call works
     with Compressor.from_name("h2o", compression_ratio=0.5, decode_eviction=False)(model):
         _generate(model, inputs, **options)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+def test_the_decoding_wrapper_is_refused_before_the_first_token_naming_its_own_remedy(kind: str) -> None:
+    model, inputs = _target(kind), _inputs(kind)
+    decoding = Compressor.from_name("decoding", inner="snapkv", compression_ratio=0.5, max_entries=24, interval=4)
+    calls, handle = _count_calls(model)
+    try:
+        with decoding(model):
+            with pytest.raises(InvalidInputError, match="without the decoding wrapper") as error:
+                _generate(model, inputs, assistant_model=_assistant(kind))
+    finally:
+        handle.remove()
+    assert calls == []
+    assert "decode_eviction" not in str(error.value)  # an option decoding does not have
 
 
 def test_a_compressed_assistant_that_evicts_while_decoding_is_refused_before_the_first_token() -> None:

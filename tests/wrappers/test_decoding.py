@@ -260,6 +260,8 @@ def test_configs_round_trip(config: dict[str, Any]) -> None:
         ({"inner": "modality-budget"}, "inner", "allocates per-layer or per-modality budgets"),
         ({"inner": {"strategy": "mixkv", "inner": "vl-cache"}}, "inner", "allocates per-layer"),
         ({"inner": "decoding"}, "inner", "decoding(decoding(...)) is meaningless"),
+        ({"inner": "adakv"}, "inner", "decoding cannot wrap adakv"),  # ragged heads, one size per re-plan
+        ({"inner": {"strategy": "chunked-prefill", "inner": "adakv"}}, "inner", "decoding cannot wrap adakv"),
         ({"inner": {"strategy": "lookm-evict", "keep_all_text": True}}, "inner", "keep_all_text"),
         ({"inner": "snapkv", "compression_ratio": 0.5, "max_entries": 8, "interval": 8}, None, "smaller than"),
         ({"max_entries": 1}, "max_entries", "greater than or equal to 2"),
