@@ -133,6 +133,24 @@ class ActiveSessions:
 ACTIVE = ActiveSessions()
 
 
+#: Warned once per session (and once per chunked prefill) when a model has sliding-window layers.
+SLIDING_LAYERS_LEFT = (
+    "kvpress-mm leaves sliding-window attention layers uncompressed (they already keep only "
+    "their window); full-attention layers are compressed"
+)
+
+
+def sliding_window_call(call: AttentionCall, cache: Any) -> bool:
+    """True when ``call`` attends over a sliding-window layer, which compression leaves as transformers keeps it.
+
+    Such layers already hold at most their window; their cache and mask logic keys on counts
+    that compression would break (and transformers chunks their prefill itself).
+    """
+    return bool(
+        getattr(cache.layers[call.layer_idx], "is_sliding", False) or call.kwargs.get("sliding_window") is not None
+    )
+
+
 def original_attention(module: nn.Module, wrapped: str) -> AttentionFunction:
     """The implementation our wrapper stands in for."""
     if wrapped == "sdpa":

@@ -40,7 +40,7 @@ from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.modality import Modality
 from kvpress_mm.ops.cache_view import CacheView
 from kvpress_mm.ops.plan import CompressionPlan
-from kvpress_mm.session.attention import AttentionCall
+from kvpress_mm.session.attention import SLIDING_LAYERS_LEFT, AttentionCall, sliding_window_call
 from kvpress_mm.session.calls import CallInfo
 from kvpress_mm.session.prefill import check_plan
 from kvpress_mm.session.slots import modality_after_plan, slot_modality
@@ -218,16 +218,11 @@ class ChunkedPrefill:
         assert chunk is not None
         layer_idx, key = attention.layer_idx, attention.key
         layer = cache.layers[layer_idx]
-        if getattr(layer, "is_sliding", False) or attention.kwargs.get("sliding_window") is not None:
-            # sliding-window layers hold their window only: transformers chunks them itself
+        if sliding_window_call(attention, cache):
             if chunk.last and self._report is not None:
                 self._report.layers_skipped += 1
             if not self._warned_sliding:
-                warnings.warn(
-                    "kvpress-mm leaves sliding-window attention layers uncompressed (they already keep only "
-                    "their window); full-attention layers are compressed",
-                    stacklevel=2,
-                )
+                warnings.warn(SLIDING_LAYERS_LEFT, stacklevel=2)
                 self._warned_sliding = True
             return attention.run_original(attention.attention_mask)
         if not compressible(layer):

@@ -39,10 +39,12 @@ from kvpress_mm.registry import find_adapter
 from kvpress_mm.session.attention import (
     ACTIVE,
     ATTENTION_PREFIX,
+    SLIDING_LAYERS_LEFT,
     WRAPPABLE_IMPLEMENTATIONS,
     AttentionCall,
     MaskChecks,
     register_attention_functions,
+    sliding_window_call,
 )
 from kvpress_mm.session.calls import CallInfo, call_tokens, continuation_call, prefill_call
 from kvpress_mm.session.chunked import ChunkedPrefill
@@ -417,16 +419,10 @@ class CompressionSession:
     def _plan_prefill(self, attention: AttentionCall, cache: Any, accumulated: torch.Tensor | None = None) -> None:
         assert self._call is not None
         layer_idx = attention.layer_idx
-        if getattr(cache.layers[layer_idx], "is_sliding", False) or attention.kwargs.get("sliding_window") is not None:
-            # sliding-window layers already hold at most their window; their cache and mask
-            # logic keys on counts we would break, so they stay as transformers keeps them
+        if sliding_window_call(attention, cache):
             self.report.layers_skipped += 1
             if not self._warned_sliding:
-                warnings.warn(
-                    "kvpress-mm leaves sliding-window attention layers uncompressed (they already keep only "
-                    "their window); full-attention layers are compressed",
-                    stacklevel=2,
-                )
+                warnings.warn(SLIDING_LAYERS_LEFT, stacklevel=2)
                 self._warned_sliding = True
             return
         view = prefill_view(self.compressor, self._call, cache, attention, self._num_layers, accumulated)
