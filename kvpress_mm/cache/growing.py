@@ -85,6 +85,9 @@ class GrowingLayer(DynamicLayer):
         >>> layer.get_seq_length(), layer.capacity, layer.reallocations
         (4, 7, 1)
 
+    (Why one class of about 300 lines: it overrides every method of transformers' cache layer
+    that reads or edits the entries - update, crop, reorder, row selection and repetition,
+    offload, copies - so that none of them sees the unused buffer.)
     """
 
     def __init__(self, headroom: int = DEFAULT_HEADROOM, growth: float = DEFAULT_GROWTH, **kwargs: Any) -> None:

@@ -155,6 +155,10 @@ class CompressionSession:
     first decode step reallocates once with a little headroom, and later steps append in place
     instead of copying the whole cache (``DynamicLayer``'s ``torch.cat``); ``False`` keeps
     transformers' ``DynamicLayer``. Outputs are identical.
+
+    (Why one class of about 300 lines: its hooks share one call's state - the call's
+    description, the pending plans, the report - and stay in order only when one object owns
+    it; what they do is in the neighbouring modules: calls, prefill, decode, ragged, chunked.)
     """
 
     #: Compute the prefill attention of strategies that need the all-query column sums with our
