@@ -67,6 +67,10 @@ def grown_capacity(needed: int, current: int, base: int, headroom: int, growth: 
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values grow in place in a preallocated buffer.
 
+    (Why one class of about 300 lines: it overrides every method of transformers' cache layer
+    that reads or edits the entries - update, crop, reorder, row selection and repetition,
+    offload, copies - so that none of them sees the unused buffer.)
+
     Args:
         headroom: free entries allocated beyond what is needed at each (re)allocation.
         growth: when full, the capacity becomes ``max(needed + headroom, growth * capacity)``
@@ -85,9 +89,6 @@ class GrowingLayer(DynamicLayer):
         >>> layer.get_seq_length(), layer.capacity, layer.reallocations
         (4, 7, 1)
 
-    (Why one class of about 300 lines: it overrides every method of transformers' cache layer
-    that reads or edits the entries - update, crop, reorder, row selection and repetition,
-    offload, copies - so that none of them sees the unused buffer.)
     """
 
     def __init__(self, headroom: int = DEFAULT_HEADROOM, growth: float = DEFAULT_GROWTH, **kwargs: Any) -> None:

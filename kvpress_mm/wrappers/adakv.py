@@ -65,7 +65,8 @@ class AdaKV(Wrapper):
         inner: a scored strategy (default ``snapkv``) whose scores allocate and select.
         alpha: share of ``n_keep`` every head keeps by its own scores first (default 0.2, the
             official code's and kvpress's). ``1`` keeps ``n_keep`` per head (the inner
-            strategy's own selection); ``0`` shares everything but the windows.
+            strategy's own counts; its entries up to ties in its scores); ``0`` shares everything
+            but the windows.
 
     """
 
