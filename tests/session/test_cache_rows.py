@@ -28,7 +28,7 @@ import tests.helpers.tiny_qwen_vlms as qwen
 from kvpress_mm import Compressor
 from kvpress_mm.errors import InvalidInputError
 from kvpress_mm.session.state import state_of
-from tests.helpers.beams import ForceTokens, teacher_forced_log_probs
+from tests.helpers.beams import ForceTokens, assert_beams_rescored_by_forcing, assert_forced_run_matches
 from tests.helpers.masked_reference import cache_of
 from tests.helpers.tiny_models import (
     assert_same_model_state,
@@ -89,17 +89,7 @@ def test_beam_search_scores_equal_teacher_forced_rescoring(
         out = generate(model, ids, mask, **_beam_options())
     assert session.report.n_keep == (7,) * BEAMS + (10,) * BEAMS  # beams are rows of the compressed batch
     _assert_beams_switched_parents(out)
-    tokens = out.sequences[:, ids.shape[1] :]
-    with compressor(model):
-        forced = generate(
-            model,
-            ids.repeat_interleave(BEAMS, 0),
-            mask.repeat_interleave(BEAMS, 0),
-            max_new_tokens=BEAM_TOKENS,
-            logits_processor=LogitsProcessorList([ForceTokens(tokens)]),
-        )
-    assert torch.equal(forced.sequences, out.sequences)
-    assert _max_diff(teacher_forced_log_probs(forced.logits, tokens), out.sequences_scores) < ATOL
+    assert_beams_rescored_by_forcing(model, compressor, ids, mask, out, BEAMS, BEAM_TOKENS, ATOL)
 
 
 @functools.cache
@@ -134,8 +124,7 @@ def test_beam_search_on_qwen_vl_equals_teacher_forced_rescoring(kind: str) -> No
             max_new_tokens=BEAM_TOKENS,
             logits_processor=LogitsProcessorList([ForceTokens(tokens)]),
         )
-    assert torch.equal(forced.sequences, out.sequences)
-    assert _max_diff(teacher_forced_log_probs(forced.logits, tokens), out.sequences_scores) < ATOL
+    assert_forced_run_matches(out, forced, tokens, ATOL)
 
 
 # -- any change of the rows: reorder, select, repeat ----------------------------------------------

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 import tests.helpers.tiny_qwen_vlms as qwen
 from kvpress_mm import Compressor
 from kvpress_mm.cache.ragged import RaggedLayer
 from kvpress_mm.errors import UnsupportedCacheError, UnsupportedModelError
-from tests.helpers.beams import ForceTokens, teacher_forced_log_probs
+from tests.helpers.beams import assert_beams_rescored_by_forcing
 from tests.helpers.masked_reference import (
     PlanRecorder,
     cache_of,
@@ -257,17 +256,7 @@ def test_beam_search_on_a_ragged_cache_equals_teacher_forced_rescoring(impl: str
     steps = out.beam_indices[:, :tokens_out]
     assert bool((steps != steps[:, -1:]).any()), "no beam changed its parent row: nothing was reordered"
     assert all(isinstance(layer, RaggedLayer) for layer in cache_of(out).layers)
-    tokens = out.sequences[:, ids.shape[1] :]
-    with compressor(model):
-        forced = generate(
-            model,
-            ids.repeat_interleave(beams, 0),
-            mask.repeat_interleave(beams, 0),
-            max_new_tokens=tokens_out,
-            logits_processor=LogitsProcessorList([ForceTokens(tokens)]),
-        )
-    assert torch.equal(forced.sequences, out.sequences)
-    assert _max_diff(teacher_forced_log_probs(forced.logits, tokens), out.sequences_scores) < ATOL
+    assert_beams_rescored_by_forcing(model, compressor, ids, mask, out, beams, tokens_out, ATOL)
 
 
 def test_copies_of_a_ragged_cache_continue_like_the_original() -> None:
